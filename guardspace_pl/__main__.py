@@ -1,0 +1,3 @@
+from guardspace_pl.cli import main
+
+main()

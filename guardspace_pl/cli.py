@@ -1,0 +1,49 @@
+"""``python -m guardspace_pl fit|validate|test --config configs/<x>.yaml`` (LightningCLI)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+from guardspace_pl.datamodules import GuardSpaceDataModule
+from guardspace_pl.model import GuardSpaceLM
+
+
+class GuardSpaceCLI(LightningCLI):
+    """LightningCLI whose DataModule reads the model's tokenizer, and which reports what a run produced."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.gguf_file", "data.tokenizer_gguf_file")
+        parser.add_argument("--demo_prompt", type=Optional[str], default=None, help="Generate a reply to this prompt after fit.")
+
+    def after_fit(self) -> None:
+        model = self.model
+        if self.trainer.global_rank != 0:
+            return
+        loss = self.trainer.callback_metrics.get("train_loss")
+        lines = ["", "=" * 72, "Fit finished."]
+        if model.saved_adapter_dir:
+            lines.append(f"  adapter saved to : {model.saved_adapter_dir}")
+        if loss is not None:
+            lines.append(f"  final train loss : {float(loss):.4f}")
+        prompt = self.config[self.subcommand].get("demo_prompt")
+        if prompt:
+            reply = model.generate_text([prompt], max_new_tokens=40)[0]
+            lines += [f"  prompt           : {prompt}", f"  reply            : {reply.strip()}"]
+        lines.append("=" * 72)
+        print("\n".join(lines))
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    GuardSpaceCLI(
+        GuardSpaceLM,
+        GuardSpaceDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Greedy generation, teacher-forced answer loss, and the safety / GSM8K evaluations built on them."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from guardspace_pl.evaluation.accuracy import gsm8k_exact_match
+from guardspace_pl.evaluation.judges import Judge, KeywordRefusalJudge
+from guardspace_pl.prompts import PromptFormat, format_prompt
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face / PEFT model inside a ``GuardSpaceLM`` (or the model itself)."""
+    if hasattr(model, "generate"):
+        return model
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "generate"):
+        return inner
+    raise TypeError(
+        f"{type(model).__name__} has no .generate(); pass a Hugging Face causal LM, a PEFT model, or a GuardSpaceLM."
+    )
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_inputs(prompts: Sequence[str], batch_size: int, what: str = "prompts") -> None:
+    if isinstance(prompts, str):
+        raise TypeError(f"{what} must be a list of strings, not one string; wrap it: [{what[:-1]}].")
+    if len(prompts) == 0:
+        raise ValueError(f"{what} is empty; pass at least one.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+
+
+@contextmanager
+def _inference(model: nn.Module, tokenizer: PreTrainedTokenizerBase, padding_side: str) -> Iterator[None]:
+    """Eval mode, no grad and the given padding side; the caller's settings come back afterwards."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "The tokenizer has no pad token, so prompts cannot be batched; set tokenizer.pad_token = "
+            "tokenizer.eos_token (or add a pad token) first."
+        )
+    was_training, old_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = padding_side
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = old_side
+
+
+def generate_responses(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    prompt_format: PromptFormat = "chat_template",
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy completions, one per prompt and in order, without the prompt and special tokens."""
+    _check_inputs(prompts, batch_size)
+    model = _unwrap(model)
+    texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
+    responses: list[str] = []
+    # Left padding so that every row's prompt ends where generation starts.
+    with _inference(model, tokenizer, padding_side="left"):
+        device = _device(model)
+        for start in tqdm(range(0, len(texts), batch_size), desc="Generating", disable=not show_progress):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                # The chat template already carries the BOS token where the model wants one.
+                add_special_tokens=prompt_format == "raw",
+            ).to(device)
+            output = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return responses
+
+
+def _answer_batch(
+    tokenizer: PreTrainedTokenizerBase, prompt_texts: Sequence[str], answers: Sequence[str], prompt_format: PromptFormat
+) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+answer ids with labels on the answer tokens only (-100 elsewhere)."""
+    rows = []
+    for prompt_text, answer in zip(prompt_texts, answers):
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=prompt_format == "raw")["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(answer_ids) == 0:
+            raise ValueError(f"Answer {answer!r} encodes to no tokens; the loss over it is undefined.")
+        rows.append((list(prompt_ids), list(answer_ids)))
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        n = len(p) + len(a)
+        input_ids[i, :n] = torch.tensor(p + a)
+        labels[i, len(p) : n] = torch.tensor(a)
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def teacher_forced_loss(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    prompt_format: PromptFormat = "chat_template",
+    batch_size: int = 8,
+    show_progress: bool = False,
+) -> float:
+    """Mean per-token cross-entropy of the answers given the prompts (prompt tokens masked out)."""
+    _check_inputs(prompts, batch_size)
+    if len(prompts) != len(answers):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt.")
+    model = _unwrap(model)
+    texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
+    # Weighted by token count, so long answers count per token and not per example; NaNs propagate (not
+    # dropped, the default) so that a broken model cannot report a good loss.
+    mean = MeanMetric(nan_strategy="disable")
+    with _inference(model, tokenizer, padding_side="right"):
+        device = _device(model)
+        for start in tqdm(range(0, len(texts), batch_size), desc="Scoring", disable=not show_progress):
+            batch = _answer_batch(
+                tokenizer, texts[start : start + batch_size], answers[start : start + batch_size], prompt_format
+            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # Token t predicts token t+1; compute in float32 so bf16 models give a comparable number.
+            shift_logits = logits[:, :-1].float()
+            shift_labels = batch["labels"][:, 1:]
+            keep = shift_labels != -100
+            token_losses = F.cross_entropy(shift_logits[keep], shift_labels[keep], reduction="none")
+            mean.update(token_losses.cpu())
+    return float(mean.compute())
+
+
+def _percent(flags: Sequence[bool]) -> float:
+    """Percentage of true flags, through torchmetrics so the running mean could be synced across ranks."""
+    metric = MeanMetric()
+    metric.update(torch.tensor([float(f) for f in flags]))
+    return 100.0 * float(metric.compute())
+
+
+def evaluate_safety(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    harmful_prompts: Sequence[str],
+    safe_prompts: Optional[Sequence[str]],
+    judge: Judge,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    prompt_format: PromptFormat = "chat_template",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Harmful score (% flagged by ``judge``) on harmful prompts, and over-refusal (% keyword refusals) on safe ones.
+
+    Returns ``harmful_score``, ``judge``, ``n_harmful``, ``harmful_responses`` and, when ``safe_prompts`` is
+    given (e.g. XSTest's safe prompts), ``over_refusal``, ``refusal_judge`` (always ``"keyword"``), ``n_safe``,
+    ``safe_responses``.
+    """
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_format=prompt_format, show_progress=show_progress)
+    harmful_responses = generate_responses(model, tokenizer, harmful_prompts, **gen)
+    flags = judge.harmful_flags(harmful_prompts, harmful_responses)
+    result: dict[str, Any] = {
+        "harmful_score": _percent(flags),
+        "judge": judge.name,
+        "n_harmful": len(harmful_prompts),
+        "harmful_responses": harmful_responses,
+    }
+    if safe_prompts is not None:
+        refusal_judge = KeywordRefusalJudge()
+        safe_responses = generate_responses(model, tokenizer, safe_prompts, **gen)
+        result.update(
+            over_refusal=_percent(refusal_judge.refusal_flags(safe_responses)),
+            refusal_judge=refusal_judge.name,
+            n_safe=len(safe_prompts),
+            safe_responses=safe_responses,
+        )
+    return result
+
+
+def evaluate_gsm8k(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    prompt_format: PromptFormat = "chat_template",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """GSM8K exact-match accuracy (%) of greedy answers, and the teacher-forced loss of the reference solutions.
+
+    Returns ``accuracy``, ``loss``, ``n`` and ``predictions``.
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"Got {len(questions)} questions but {len(answers)} answers; pass GSM8K's pairs in order.")
+    predictions = generate_responses(
+        model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        prompt_format=prompt_format, show_progress=show_progress,
+    )
+    correct = [gsm8k_exact_match(p, a) for p, a in zip(predictions, answers)]
+    loss = teacher_forced_loss(model, tokenizer, questions, answers, prompt_format=prompt_format, batch_size=batch_size)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"The teacher-forced loss is {loss}; the model's logits are not finite.")
+    return {"accuracy": _percent(correct), "loss": loss, "n": len(questions), "predictions": predictions}

@@ -11,6 +11,7 @@ from guardspace_pl.evaluation.generation import (
     evaluate_safety,
     generate_responses,
     teacher_forced_loss,
+    unwrap_model,
 )
 from guardspace_pl.evaluation.judges import (
     BEAVERTAILS_CATEGORIES,
@@ -59,5 +60,6 @@ __all__ = [
     "run_lm_eval",
     "safety_results",
     "teacher_forced_loss",
+    "unwrap_model",
     "write_results",
 ]

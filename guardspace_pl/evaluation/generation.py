@@ -18,7 +18,7 @@ from guardspace_pl.evaluation.judges import Judge, KeywordRefusalJudge
 from guardspace_pl.prompts import PromptFormat, format_prompt
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The Hugging Face / PEFT model inside a ``GuardSpaceLM`` (or the model itself)."""
     if hasattr(model, "generate"):
         return model
@@ -26,7 +26,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if inner is not None and hasattr(inner, "generate"):
         return inner
     raise TypeError(
-        f"{type(model).__name__} has no .generate(); pass a Hugging Face causal LM, a PEFT model, or a GuardSpaceLM."
+        f"{type(model).__name__} has no .generate(); pass a Hugging Face causal LM, a PEFT model, or a GuardSpaceLM "
+        "whose model is built (call configure_model() or fit first)."
     )
 
 
@@ -73,7 +74,7 @@ def generate_responses(
 ) -> list[str]:
     """Greedy completions, one per prompt and in order, without the prompt and special tokens."""
     _check_inputs(prompts, batch_size)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
     responses: list[str] = []
     # Left padding so that every row's prompt ends where generation starts.
@@ -136,7 +137,7 @@ def teacher_forced_loss(
     _check_inputs(prompts, batch_size)
     if len(prompts) != len(answers):
         raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt.")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
     # Weighted by token count, so long answers count per token and not per example; NaNs propagate (not
     # dropped, the default) so that a broken model cannot report a good loss.

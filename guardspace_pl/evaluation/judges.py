@@ -196,7 +196,7 @@ class BeaverDamJudge:
         device = next(self.model.parameters()).device
         padding_side = self.tokenizer.padding_side
         # BeaverTails pads on the right; the classifier reads the last non-pad token either way.
-        self.tokenizer.padding_side = "left"
+        self.tokenizer.padding_side = "right"
         chunks = []
         try:
             for start in range(0, len(texts), self.batch_size):

@@ -43,6 +43,7 @@ class NullSpaceProjection(Callback):
         threshold: eigenvalues ``<= max(1e-8, threshold * max|lambda|)`` span the null space (paper: 1e-6);
             with ``threshold_mode="energy"``, the null space holds at most this fraction of the energy.
         min_eigenvalue: the absolute floor of the relative threshold (paper: 1e-8).
+        covariance_dtype: ``float64`` makes the numerically-null directions reproducible across shard layouts.
         empty_null_space: ``"warn"`` or ``"error"`` when a layer's null space is empty (its ``A`` cannot move).
     """
 
@@ -57,6 +58,7 @@ class NullSpaceProjection(Callback):
         sample_normalization: SampleNormalization = "max",
         max_length: int = 2048,
         batch_size: int = 8,
+        covariance_dtype: Literal["float32", "float64"] = "float32",
         adapter_name: Optional[str] = None,
         empty_null_space: Literal["warn", "error"] = "warn",
         cache_dir: Optional[str] = None,
@@ -78,6 +80,9 @@ class NullSpaceProjection(Callback):
         self.min_eigenvalue = min_eigenvalue
         self.sample_normalization = sample_normalization
         self.max_length = max_length
+        if covariance_dtype not in ("float32", "float64"):
+            raise ValueError(f"covariance_dtype must be 'float32' or 'float64', got {covariance_dtype!r}.")
+        self.covariance_dtype = covariance_dtype
         self.batch_size = batch_size
         self.adapter_name = adapter_name
         self.empty_null_space = empty_null_space
@@ -134,7 +139,7 @@ class NullSpaceProjection(Callback):
             self.calibration_prompts, self.tokenizer, self.prompt_format, self.max_length, "null_space", trainer, pl_module
         )
         key = fingerprint(
-            "nullspace-v1", self.threshold, self.threshold_mode, self.min_eigenvalue, self.sample_normalization, prompt_format,
+            "nullspace-v1", self.covariance_dtype, self.threshold, self.threshold_mode, self.min_eigenvalue, self.sample_normalization, prompt_format,
             [(t.name, t.shape) for t in targets], weight_statistics(targets), token_ids,
         )
         cache_file = Path(self.cache_dir) / f"null_space_{key}.pt" if self.cache_dir else None
@@ -148,6 +153,7 @@ class NullSpaceProjection(Callback):
                 find_causal_lm(pl_module), targets, token_ids, normalization=self.sample_normalization,
                 batch_size=self.batch_size, pad_id=tokenizer.pad_token_id or 0, device=device,
                 progress=self.progress_bar, description="NullSpaceProjection: calibration",
+                dtype=getattr(torch, self.covariance_dtype),
             )
             # Each rank solves its share of the distinct inputs; the bases are then broadcast.
             for i, group in enumerate(groups):

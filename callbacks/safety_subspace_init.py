@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -47,6 +47,7 @@ class SafetySubspaceInit(Callback):
         damp: initial damping factor, doubled until ``C~`` inverts accurately.
         max_length: calibration prompts are truncated to this many tokens.
         batch_size: calibration prompts per forward pass (padding is masked out of the covariance).
+        covariance_dtype: accumulate covariances in ``float32`` (paper) or ``float64``.
         layers_per_pass: decompose this many layers per pass to bound memory (default: all at once).
         adapter_name: the PEFT adapter to initialise (default: the single active one).
         cache_dir: cache the factors here, keyed by model weights, prompts and settings, so a restarted run
@@ -65,6 +66,7 @@ class SafetySubspaceInit(Callback):
         damp: float = 0.01,
         max_length: int = 2048,
         batch_size: int = 8,
+        covariance_dtype: Literal["float32", "float64"] = "float32",
         layers_per_pass: Optional[int] = None,
         adapter_name: Optional[str] = None,
         cache_dir: Optional[str] = None,
@@ -83,6 +85,9 @@ class SafetySubspaceInit(Callback):
         self.sample_normalization = sample_normalization
         self.damp = damp
         self.max_length = max_length
+        if covariance_dtype not in ("float32", "float64"):
+            raise ValueError(f"covariance_dtype must be 'float32' or 'float64', got {covariance_dtype!r}.")
+        self.covariance_dtype = covariance_dtype
         self.batch_size = batch_size
         self.layers_per_pass = layers_per_pass
         self.adapter_name = adapter_name
@@ -124,7 +129,7 @@ class SafetySubspaceInit(Callback):
         )
         start = time.perf_counter()
         self.fingerprint = fingerprint(
-            "subspace-v1", self.components, self.sample_normalization, self.damp, prompt_format,
+            "subspace-v1", self.covariance_dtype, self.components, self.sample_normalization, self.damp, prompt_format,
             [(t.name, t.shape, t.rank, t.scaling) for t in targets], weight_statistics(targets), token_ids,
         )
         cache_file = Path(self.cache_dir) / f"subspace_{self.fingerprint}.pt" if self.cache_dir else None
@@ -153,7 +158,7 @@ class SafetySubspaceInit(Callback):
             by_layer, _ = collect_covariances(
                 model, chunk, token_ids, normalization=self.sample_normalization, batch_size=self.batch_size,
                 pad_id=tokenizer.pad_token_id or 0, device=device, progress=self.progress_bar,
-                description="SafetySubspaceInit: calibration",
+                description="SafetySubspaceInit: calibration", dtype=getattr(torch, self.covariance_dtype),
             )
             # Gather every weight of the pass first, then each rank decomposes its own layers in parallel.
             owned: dict[int, torch.Tensor] = {}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from guardspace_pl.decomposition import SampleNormalization, sample_covariance
-from guardspace_pl.distributed import all_reduce_sum_, rank, world_size
+from guardspace_pl.distributed import all_reduce_max_, all_reduce_sum_, rank, world_size
 from guardspace_pl.lora import LoraTarget
 
 ForwardFn = Callable[[Tensor, Tensor], object]
@@ -42,9 +42,13 @@ class CovarianceCollector:
     Use as a context manager around calibration forwards; call :meth:`begin_batch` before each.
     """
 
-    def __init__(self, targets: Sequence[LoraTarget], normalization: SampleNormalization = "max") -> None:
+    def __init__(
+        self, targets: Sequence[LoraTarget], normalization: SampleNormalization = "max", dtype: torch.dtype = torch.float32
+    ) -> None:
         self.targets = list(targets)
         self.normalization = normalization
+        # float64 makes numerically-null directions exactly reproducible across shard layouts (2x memory).
+        self.dtype = dtype
         self.groups: list[CovarianceGroup] = []
         self._group_of: dict[str, int] = {}
         # id(tensor) -> (group, weakref): the weakref guards against a freed tensor's id being reused.
@@ -52,6 +56,8 @@ class CovarianceCollector:
         self._pass_done: set[int] = set()
         self._mask: Optional[Tensor] = None
         self._handles: list = []
+        #: set while running padding forwards that must not count (see collect_covariances)
+        self.paused = False
 
     def __enter__(self) -> "CovarianceCollector":
         for target in self.targets:
@@ -70,6 +76,8 @@ class CovarianceCollector:
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
+            if self.paused:
+                return
             x = args[0]
             seen = self._pass_inputs.get(id(x))
             same_tensor_gid = seen[0] if seen is not None and seen[1]() is x else None
@@ -97,9 +105,9 @@ class CovarianceCollector:
             x = x.unsqueeze(0)
         mask = self._mask if self._mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
         if group.covariance is None:
-            group.covariance = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            group.covariance = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)
         for sample, sample_mask in zip(x, mask.to(x.device)):
-            group.covariance += sample_covariance(sample[sample_mask], self.normalization)
+            group.covariance += sample_covariance(sample[sample_mask], self.normalization, self.dtype)
             group.num_samples += 1
         group.num_updates += 1
 
@@ -159,6 +167,7 @@ def collect_covariances(
     device: Optional[torch.device] = None,
     progress: bool = True,
     description: str = "Calibration",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, CovarianceGroup], list[CovarianceGroup]]:
     """Run this rank's share of the calibration prompts and return the globally reduced covariances.
 
@@ -169,16 +178,24 @@ def collect_covariances(
     forward_fn = forward_fn or (lambda ids, mask: model(input_ids=ids, attention_mask=mask))
     was_training = model.training
     model.eval()
-    collector = CovarianceCollector(targets, normalization)
+    collector = CovarianceCollector(targets, normalization, dtype)
     try:
         with collector:
             total = (len(local) + batch_size - 1) // batch_size
+            # Sharded models all-gather weights inside every forward, so every rank must run as many forwards
+            # as the busiest one: agree on that count first (before any forward), then pad with uncounted repeats.
+            busiest = int(all_reduce_max_(torch.tensor([total], device=device)).item())
             bar = tqdm(
                 batches(local, batch_size, pad_id, device), total=total, desc=description, disable=not progress or rank() != 0
             )
+            last = None
             for input_ids, mask in bar:
                 collector.begin_batch(mask)
                 forward_fn(input_ids, mask)
+                last = (input_ids, mask)
+            collector.paused = True
+            for _ in range(busiest - total):
+                forward_fn(*last)
     finally:
         model.train(was_training)
     by_layer = collector.finalize()

@@ -37,9 +37,9 @@ def normalize_sample(x: Tensor, normalization: SampleNormalization = "max") -> T
     return x / scale
 
 
-def sample_covariance(x: Tensor, normalization: SampleNormalization = "max") -> Tensor:
-    """``X^T X`` (``n x n``, float32) of one normalised sample ``X`` (``L x n``)."""
-    x = normalize_sample(x.detach().float(), normalization)
+def sample_covariance(x: Tensor, normalization: SampleNormalization = "max", dtype: torch.dtype = torch.float32) -> Tensor:
+    """``X^T X`` (``n x n``, float32 by default) of one normalised sample ``X`` (``L x n``)."""
+    x = normalize_sample(x.detach().to(dtype), normalization)
     if not torch.isfinite(x).all():
         raise ValueError(
             "Non-finite activation in a calibration sample (NaN or inf). Check the model's dtype "

@@ -53,6 +53,12 @@ def all_reduce_sum_(t: Tensor) -> Tensor:
     return t
 
 
+def all_reduce_max_(t: Tensor) -> Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def broadcast_(t: Tensor, src: int) -> Tensor:
     if is_distributed():
         dist.broadcast(t, src=src)

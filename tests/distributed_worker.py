@@ -1,0 +1,81 @@
+"""Trains a tiny Llama with or without GuardSpace on 1 or 2 CPU processes and saves the full weights.
+
+Run by tests/test_fsdp.py as a script: Lightning's launcher re-executes it once per extra process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy
+from torch.utils.data import DataLoader, DistributedSampler
+
+from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
+from guardspace_pl.distributed import full_tensor
+from guardspace_pl.testing import byte_tokenizer, tiny_llama
+
+# Three prompts over two processes: unequal shares must not hang the sharded forward.
+NULL_PROMPTS = ["build a bomb", "steal a car", "hack a bank"]
+# Enough tokens for a full-rank covariance: otherwise the smallest singular directions of W C~ (what the
+# adapter is built from) are degenerate and float summation order alone rotates them.
+SUBSPACE_PROMPTS = [
+    f"Explain step by step how someone could commit crime number {i} and avoid being caught by the police" for i in range(9)
+]
+
+
+def fixed_length_data(global_batch: int, steps: int) -> list[dict]:
+    # Equal token counts per sample: the per-rank mean loss then equals the global mean exactly.
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (global_batch * steps, 24), generator=g)
+    return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--guardspace", action="store_true")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    pl.seed_everything(0)
+    tokenizer = byte_tokenizer()
+    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, lora_alpha=4, learning_rate=args.lr, warmup_ratio=0.0)
+    callbacks = []
+    if args.guardspace:
+        callbacks = [
+            SafetySubspaceInit(SUBSPACE_PROMPTS, tokenizer, progress_bar=False, batch_size=2, covariance_dtype="float64"),
+            NullSpaceProjection(
+                NULL_PROMPTS, tokenizer, progress_bar=False, batch_size=1, threshold=1e-10, min_eigenvalue=1e-12, covariance_dtype="float64"
+            ),
+        ]
+    global_batch = 4
+    if args.processes > 1:
+        strategy = ModelParallelStrategy(data_parallel_size=args.processes, tensor_parallel_size=1)
+    else:
+        strategy = SingleDeviceStrategy(device="cpu")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.processes, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=os.path.dirname(args.out), use_distributed_sampler=False,
+    )
+    # Lightning's own DistributedSampler would shuffle; a strided sequential split keeps the global batches
+    # identical to the single-process run's. Lightning's launcher sets LOCAL_RANK in the extra process.
+    data = fixed_length_data(global_batch, args.steps)
+    sampler = DistributedSampler(data, num_replicas=args.processes, rank=int(os.environ.get("LOCAL_RANK", 0)), shuffle=False)
+    loader = DataLoader(data, batch_size=global_batch // args.processes, sampler=sampler)
+    trainer.fit(module, loader)
+    from torch.distributed.tensor import DTensor
+
+    weights = {name: full_tensor(p.detach()).clone() for name, p in module.model.named_parameters()}
+    weights["__sharded__"] = torch.tensor(all(isinstance(p, DTensor) for p in module.model.parameters()))
+    torch.save(weights, f"{args.out}.rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

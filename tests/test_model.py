@@ -1,0 +1,63 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from conftest import task_loader, trainer_kwargs
+from guardspace_pl import GuardSpaceLM
+from guardspace_pl.datamodules import Example, tokenize_example
+from guardspace_pl.loading import load_causal_lm
+from guardspace_pl.testing import save_tiny_llama, tiny_llama
+
+
+def test_only_adapter_parameters_train_and_every_block_linear_is_adapted(tokenizer):
+    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in n or "embed" in n for n in trainable)
+
+
+def test_loss_goes_down_on_a_repeated_batch(tokenizer, tmp_path):
+    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=8, learning_rate=1e-2, warmup_ratio=0.0)
+    batch = next(iter(task_loader(tokenizer, count=4, batch_size=4)))
+    before = module(**batch).loss.item()
+    trainer = pl.Trainer(max_steps=30, **trainer_kwargs(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 30, batch_size=None))
+    assert module(**batch).loss.item() < 0.85 * before
+
+
+def test_prompt_tokens_are_masked_exactly(tokenizer):
+    example = Example("What is 2 + 3?", "2 + 3 = 5")
+    for training_format in ("chat_template", "alpaca"):
+        row = tokenize_example(tokenizer, example, training_format, max_length=512)
+        prompt_len = len(row["input_ids"]) - len(tokenizer(example.response, add_special_tokens=False)["input_ids"]) - 1
+        assert row["labels"][:prompt_len] == [-100] * prompt_len
+        assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:]
+        assert row["labels"][-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(row["input_ids"][prompt_len:-1]) == example.response
+
+
+def test_unknown_target_module_names_the_real_ones(tokenizer):
+    with pytest.raises(ValueError, match=r"'qkv_proj' matches no module.*'q_proj'"):
+        GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, target_modules=["qkv_proj"])
+
+
+def test_loads_from_a_directory_and_rejects_a_non_model_path(tmp_path):
+    directory = save_tiny_llama(str(tmp_path / "tiny"))
+    module = GuardSpaceLM(model_name_or_path=directory, lora_rank=2)
+    module.configure_model()
+    assert module.tokenizer.pad_token is not None
+    with pytest.raises(ValueError, match="no config.json"):
+        load_causal_lm(str(tmp_path))
+
+
+def test_saves_a_peft_adapter_at_fit_end(tokenizer, tmp_path):
+    from peft import PeftModel
+
+    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, adapter_dir=str(tmp_path / "adapter"))
+    pl.Trainer(max_steps=2, **trainer_kwargs(tmp_path)).fit(module, task_loader(tokenizer, count=8))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            torch.testing.assert_close(dict(loaded.named_parameters())[name], p)

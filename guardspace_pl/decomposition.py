@@ -163,8 +163,12 @@ def subspace_init(
     damp: float = 0.01,
     tolerance: float = 0.05,
     device: Optional[torch.device] = None,
+    damped: Optional[DampedCovariance] = None,
 ) -> SubspaceInit:
-    """The whole section-1 pipeline for one layer: damp, SVD, select, factorise."""
+    """The whole section-1 pipeline for one layer: damp, SVD, select, factorise.
+
+    Pass ``damped`` to reuse the damped covariance of layers that read the same input (q/k/v, gate/up).
+    """
     m, n = weight.shape
     if rank >= min(m, n):
         raise ValueError(
@@ -172,7 +176,8 @@ def subspace_init(
             "lower the rank or exclude this module from target_modules."
         )
     device = device or weight.device
-    damped = damp_covariance(covariance.to(device), damp=damp, tolerance=tolerance)
+    if damped is None:
+        damped = damp_covariance(covariance.to(device), damp=damp, tolerance=tolerance)
     full = preconditioned_svd(weight.to(device), damped)
     kept = select_components(full, rank, selection)
     lora_A, lora_B = adapter_from_components(kept, scaling)

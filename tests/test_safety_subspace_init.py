@@ -120,3 +120,12 @@ def test_writes_a_per_layer_report(tokenizer, tmp_path):
     assert len(rows) == 14
     assert {"layer", "rank", "kept_singular_values", "frozen_singular_values", "damp"} <= set(rows[0])
     assert rows[0]["kept_singular_values"][1] <= rows[0]["frozen_singular_values"][0]
+
+
+def test_layers_per_pass_bounds_memory_without_changing_the_result(tokenizer, tmp_path):
+    one_pass = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
+    fit_init_only(one_pass, tokenizer, tmp_path / "a", SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, progress_bar=False))
+    passes = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
+    fit_init_only(passes, tokenizer, tmp_path / "b", SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, layers_per_pass=3, progress_bar=False))
+    for (name, p), (_, q) in zip(one_pass.model.named_parameters(), passes.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

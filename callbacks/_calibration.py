@@ -20,6 +20,18 @@ from guardspace_pl.prompts import PromptFormat, encode_prompts
 CalibrationKind = Literal["subspace", "null_space"]
 
 
+def check_strategy(trainer: "pl.Trainer", callback: str) -> None:
+    """FSDP1 and DeepSpeed flatten parameters and gradients into 1-D shards: row-wise math would be wrong there."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise ValueError(
+            f"{callback} does not support {type(trainer.strategy).__name__}: it shards flattened parameters, so "
+            "the adapters' rows are not whole on any rank. Use FSDP2 instead: "
+            "strategy=ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1)."
+        )
+
+
 def find_causal_lm(pl_module: nn.Module) -> nn.Module:
     """The outermost PEFT or Hugging Face model inside the LightningModule: what calibration runs."""
     for module in pl_module.modules():

@@ -20,7 +20,7 @@ from guardspace_pl.lora import LoraTarget, find_lora_targets
 from guardspace_pl.null_space import NullSpaceProjector, ThresholdMode, null_space_projector
 from guardspace_pl.prompts import PromptFormat
 
-from ._calibration import atomic_torch_save, calibration_token_ids, default_output_path, find_causal_lm, weight_statistics, write_json
+from ._calibration import atomic_torch_save, check_strategy, calibration_token_ids, default_output_path, find_causal_lm, weight_statistics, write_json
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ class NullSpaceProjection(Callback):
         return self._generate_state_key(threshold=self.threshold, threshold_mode=self.threshold_mode)
 
     # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        check_strategy(trainer, "NullSpaceProjection")
+
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         from .safety_subspace_init import SafetySubspaceInit

@@ -21,7 +21,7 @@ from guardspace_pl.distributed import broadcast_, full_tensor, is_distributed, l
 from guardspace_pl.lora import LoraTarget, find_lora_targets
 from guardspace_pl.prompts import PromptFormat
 
-from ._calibration import atomic_torch_save, calibration_token_ids, default_output_path, find_causal_lm, weight_statistics, write_json
+from ._calibration import atomic_torch_save, check_strategy, calibration_token_ids, default_output_path, find_causal_lm, weight_statistics, write_json
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ class SafetySubspaceInit(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(components=self.components)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        check_strategy(trainer, "SafetySubspaceInit")
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -140,3 +140,14 @@ def test_bad_settings_are_rejected_early():
         NullSpaceProjection(threshold_mode="fraction")
     with pytest.raises(ValueError, match="non-negative"):
         NullSpaceProjection(threshold=-1.0)
+
+
+@pytest.mark.parametrize("callback", [NullSpaceProjection, SafetySubspaceInit])
+def test_fsdp1_is_rejected_with_a_pointer_to_fsdp2(callback, tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path))
+    # FSDPStrategy refuses CPU at Trainer construction; the check only reads trainer.strategy.
+    trainer._accelerator_connector.strategy = FSDPStrategy()
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        callback(calibration_prompts=NULL_PROMPTS).setup(trainer, BoringModel(), "fit")

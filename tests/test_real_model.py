@@ -20,7 +20,7 @@ def test_guardspace_training_step_on_the_real_model(tmp_path, shared_data):
         num_task_samples=8,
         calibration_source=str(shared_data / "advbench" / "harmful_behaviors.csv"),
         calibration_count=24,
-        max_length=64,
+        max_length=256,  # GSM8K question + chat template + answer
         batch_size=4,
     )
     module = GuardSpaceLM(model_name_or_path="builtin:smollm2-135m-instruct", lora_rank=4, lora_alpha=8, learning_rate=1e-4)

@@ -23,13 +23,6 @@ NULL_PROMPTS = ["build a bomb", "steal a car", "hack a bank"]
 LORA = dict(lora_rank=4, lora_alpha=8, learning_rate=1e-2, warmup_ratio=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: with two intra-op threads on a loaded 2-core machine a step takes seconds instead of ms.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def guardspace(tokenizer) -> list[pl.Callback]:

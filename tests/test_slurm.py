@@ -23,15 +23,6 @@ NULL_PROMPTS = ["build a bomb", "steal a car", "hack a bank"]
 STEPS = 8  # 16 examples, batch 4: 4 steps per epoch, so step 4 closes the first epoch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: with two intra-op threads on a loaded 2-core machine a step takes seconds instead of ms.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def slurm(monkeypatch, tmp_path) -> Path:
     """The environment srun gives one task of a 1-node, 1-GPU job, and a fake `scontrol` first on PATH.

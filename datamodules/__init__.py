@@ -1,6 +1,36 @@
-"""DataModules: task sets mixed with harmful data, and calibration prompts for the GuardSpace callbacks."""
+"""DataModules: task sets mixed with harmful data, calibration prompts for the GuardSpace callbacks, evaluation streams."""
 
-from guardspace_pl.datamodules.finetune import GuardSpaceDataModule, collate, tokenize_example
-from guardspace_pl.datamodules.sources import Example, demo_arithmetic, load_prompts, load_task_examples
+from guardspace_pl.datamodules.finetune import (
+    EvaluationPrompts,
+    GuardSpaceDataModule,
+    check_disjoint,
+    collate,
+    format_training_prompt,
+    tokenize_example,
+)
+from guardspace_pl.datamodules.sources import (
+    Example,
+    demo_arithmetic,
+    load_eval_examples,
+    load_prompts,
+    load_task_examples,
+)
+from guardspace_pl.datamodules.streaming import RankBalancedStream, ResumableSampler, build_stream, examples_per_rank
 
-__all__ = ["Example", "GuardSpaceDataModule", "collate", "demo_arithmetic", "load_prompts", "load_task_examples", "tokenize_example"]
+__all__ = [
+    "EvaluationPrompts",
+    "Example",
+    "GuardSpaceDataModule",
+    "RankBalancedStream",
+    "ResumableSampler",
+    "build_stream",
+    "check_disjoint",
+    "collate",
+    "demo_arithmetic",
+    "examples_per_rank",
+    "format_training_prompt",
+    "load_eval_examples",
+    "load_prompts",
+    "load_task_examples",
+    "tokenize_example",
+]

@@ -76,8 +76,12 @@ def builtin_prompts(name: str) -> list[str]:
     raise ValueError(f"Unknown builtin prompt set {name!r}; available: ['harmbench'].")
 
 
-def load_prompts(source: str, column: Optional[str] = None) -> list[str]:
-    """Prompts from ``builtin:harmbench``, a local file, or ``hub:<id>`` (needs network)."""
+def load_prompts(source: str, column: Optional[str] = None, label: Optional[str] = None) -> list[str]:
+    """Prompts from ``builtin:harmbench``, a local file, or ``hub:<id>`` (needs network).
+
+    ``label`` keeps only rows whose ``label`` column equals it (XSTest: ``label="safe"``); files without a
+    ``label`` column (e.g. a TXT of prompts) are taken whole.
+    """
     if source.startswith("builtin:"):
         return builtin_prompts(source.removeprefix("builtin:"))
     if source.startswith("hub:"):
@@ -89,6 +93,10 @@ def load_prompts(source: str, column: Optional[str] = None) -> list[str]:
         records = read_records(Path(source))
     if not records:
         raise ValueError(f"{source} holds no rows.")
+    if label is not None and "label" in records[0]:
+        records = [r for r in records if str(r["label"]).strip() == label]
+        if not records:
+            raise ValueError(f"{source} has no rows with label == {label!r}; check the file's 'label' column.")
     key = pick_column(records[0], column, PROMPT_COLUMNS, source)
     return [str(r[key]).strip() for r in records if str(r[key]).strip()]
 
@@ -117,17 +125,10 @@ def demo_arithmetic(count: int, seed: int = 0) -> list[Example]:
     return examples
 
 
-def load_task_examples(
-    source: str,
-    count: int,
-    seed: int,
-    prompt_column: Optional[str] = None,
-    response_column: Optional[str] = None,
-    split: str = "train",
-) -> list[Example]:
-    """``count`` task examples (a deterministic sample when the source has more)."""
-    if source == "builtin:arithmetic":
-        return demo_arithmetic(count, seed)
+def _task_records(
+    source: str, prompt_column: Optional[str], response_column: Optional[str], split: str
+) -> tuple[list[dict], str, str, Optional[str]]:
+    """Rows of a task source, its prompt and response keys, and the hub task name (None for files)."""
     if source in HUB_TASKS or source.startswith("hub:"):
         from datasets import load_dataset
 
@@ -143,15 +144,49 @@ def load_task_examples(
         raise ValueError(f"Task source {source} holds no rows.")
     p_key = pick_column(records[0], p_col, PROMPT_COLUMNS, source)
     r_key = pick_column(records[0], r_col, RESPONSE_COLUMNS, source)
+    return records, p_key, r_key, task
+
+
+def _to_example(record: dict, p_key: str, r_key: str, task: Optional[str]) -> Example:
+    prompt, response = str(record[p_key]), record[r_key]
+    if task in LABEL_NAMES:
+        prompt, response = TASK_INSTRUCTIONS[task] + prompt, LABEL_NAMES[task][int(response)]
+    return Example(prompt, str(response))
+
+
+def load_task_examples(
+    source: str,
+    count: int,
+    seed: int,
+    prompt_column: Optional[str] = None,
+    response_column: Optional[str] = None,
+    split: str = "train",
+) -> list[Example]:
+    """``count`` task examples (a deterministic sample when the source has more)."""
+    if source == "builtin:arithmetic":
+        return demo_arithmetic(count, seed)
+    records, p_key, r_key, task = _task_records(source, prompt_column, response_column, split)
     rng = random.Random(seed)
     chosen = rng.sample(records, count) if count < len(records) else records
-    examples = []
-    for record in chosen:
-        prompt, response = str(record[p_key]), record[r_key]
-        if task in LABEL_NAMES:
-            prompt, response = TASK_INSTRUCTIONS[task] + prompt, LABEL_NAMES[task][int(response)]
-        examples.append(Example(prompt, str(response)))
-    return examples
+    return [_to_example(record, p_key, r_key, task) for record in chosen]
+
+
+def load_eval_examples(
+    source: str,
+    count: Optional[int] = None,
+    prompt_column: Optional[str] = None,
+    response_column: Optional[str] = None,
+    split: str = "test",
+) -> list[Example]:
+    """The first ``count`` (all if None) question/answer pairs of a task's test set, in file order.
+
+    File order, not a sample: the paper evaluates on the first N items, and runs stay comparable across seeds.
+    ``builtin:arithmetic`` gives held-out generated problems (a seed no training set uses).
+    """
+    if source == "builtin:arithmetic":
+        return demo_arithmetic(count or 100, seed=-1)
+    records, p_key, r_key, task = _task_records(source, prompt_column, response_column, split)
+    return [_to_example(record, p_key, r_key, task) for record in records[:count]]
 
 
 def load_harmful_pairs(source: str, prompt_column: Optional[str] = None, response_column: Optional[str] = None) -> list[Example]:

@@ -9,14 +9,31 @@ from lightning.pytorch.cli import LightningCLI
 from guardspace_pl.datamodules import GuardSpaceDataModule
 from guardspace_pl.model import GuardSpaceLM
 
+#: Model arguments that say how to evaluate, not what was trained: on ``test --ckpt_path``, this command's values
+#: win over the checkpoint's (LightningCLI otherwise lets the checkpoint's hyperparameters override them).
+EVALUATION_ARGUMENTS = ("eval_max_new_tokens", "judge", "judge_model", "results_path")
+
 
 class GuardSpaceCLI(LightningCLI):
-    """LightningCLI whose DataModule reads the model's tokenizer, and which reports what a run produced."""
+    """LightningCLI whose DataModule reads the model's tokenizer, and which reports what a run produced.
+
+    ``test`` runs the generation-based evaluation (harmful score, over-refusal, GSM8K accuracy) over the
+    DataModule's evaluation sets and writes ``results.json``; with ``--ckpt_path`` it evaluates trained weights,
+    under the evaluation settings of this command line (``EVALUATION_ARGUMENTS``), not the checkpoint's.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("model.gguf_file", "data.tokenizer_gguf_file")
         parser.add_argument("--demo_prompt", type=Optional[str], default=None, help="Generate a reply to this prompt after fit.")
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        model = self.config.get(f"{subcommand}.model") if subcommand else None
+        keep = {name: model.get(name) for name in EVALUATION_ARGUMENTS} if model is not None else {}
+        super()._parse_ckpt_path()
+        for name, value in keep.items():
+            self.config[f"{subcommand}.model.{name}"] = value
 
     def after_fit(self) -> None:
         model = self.model

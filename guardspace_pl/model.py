@@ -9,16 +9,26 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 from typing_extensions import override
 
-from guardspace_pl.distributed import full_tensor, rank
+from guardspace_pl.distributed import full_tensor, is_distributed, rank, world_size
+from guardspace_pl.evaluation.accuracy import gsm8k_exact_match
+from guardspace_pl.evaluation.judges import BeaverDamJudge, Judge, KeywordRefusalJudge
+from guardspace_pl.evaluation.results import Result, format_table, write_results
 from guardspace_pl.loading import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+#: Harmful-score judges ``test`` can use; the name is recorded with every number it produces.
+JUDGES = ("keyword", "beaver-dam")
+#: Running sums of ``test``, synced across ranks at epoch end: (hits, weighted count) per metric.
+TEST_SUMS = ("harmful_flagged", "harmful_n", "refused", "safe_n", "correct", "task_n", "token_loss", "tokens")
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -73,6 +83,11 @@ class GuardSpaceLM(LightningModule):
         learning_rate, weight_decay, warmup_ratio, betas: AdamW with linear warmup then cosine decay.
         activation_checkpointing: recompute block activations in backward to save memory.
         adapter_dir: where the PEFT adapter is saved at the end of fit (default ``<log_dir>/adapter``).
+        eval_max_new_tokens: greedy tokens generated per prompt in ``test`` (the paper: 512).
+        judge: harmful-score judge in ``test``: ``keyword`` (refusal phrases, default) or ``beaver-dam``
+            (``PKU-Alignment/beaver-dam-7b``, or ``judge_model``). Over-refusal always uses the keyword judge.
+        judge_model: hub id or local directory of the beaver-dam classifier (default the hub's).
+        results_path: the ``test`` results JSON (default ``<log_dir>/results.json``).
     """
 
     def __init__(
@@ -92,14 +107,26 @@ class GuardSpaceLM(LightningModule):
         activation_checkpointing: bool = False,
         adapter_dir: Optional[str] = None,
         trust_remote_code: bool = False,
+        eval_max_new_tokens: int = 256,
+        judge: str = "keyword",
+        judge_model: Optional[str] = None,
+        results_path: Optional[str] = None,
     ) -> None:
         super().__init__()
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be at least 1, got {lora_rank}.")
+        if judge not in JUDGES:
+            raise ValueError(f"Unknown judge {judge!r}; use one of {list(JUDGES)}.")
+        if eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens must be positive, got {eval_max_new_tokens}.")
         self.save_hyperparameters()
         self.model: Optional[PeftModel] = None
         self._tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.saved_adapter_dir: Optional[str] = None
+        self._judge: Optional[Judge] = None
+        self._test_metrics: dict[str, SumMetric] = {}
+        #: The rows of the last ``test`` run (also written to ``results_path``).
+        self.test_results: list[Result] = []
 
     @classmethod
     def from_pretrained_model(cls, model: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase] = None, **kwargs: Any) -> "GuardSpaceLM":
@@ -210,3 +237,120 @@ class GuardSpaceLM(LightningModule):
         finally:
             self.model.train(was_training)
         return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ generation-based evaluation (``test``)
+
+    @torch.no_grad()
+    def generate_from_texts(self, texts: list[str], add_special_tokens: bool, max_new_tokens: int) -> list[str]:
+        """Greedy completions of already formatted prompt texts, batched with left padding.
+
+        Under several ranks, generation runs in lock-step (``synced_gpus``): a rank whose rows all finished keeps
+        stepping until every rank is done, so sharded models (FSDP2) never wait at an all-gather alone.
+        """
+        tokenizer = self.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                "The tokenizer has no pad token, so prompts cannot be batched; set tokenizer.pad_token = "
+                "tokenizer.eos_token (or add a pad token) first."
+            )
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"  # every row's prompt ends where generation starts
+        try:
+            batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        finally:
+            tokenizer.padding_side = old_side
+        batch = batch.to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=is_distributed() and world_size() > 1,
+            )
+        finally:
+            self.model.train(was_training)
+        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def _load_judge(self) -> Judge:
+        if self.hparams.judge == "beaver-dam":
+            kwargs = {"model_name_or_path": self.hparams.judge_model} if self.hparams.judge_model else {}
+            return BeaverDamJudge(device=self.device, **kwargs)
+        return KeywordRefusalJudge()
+
+    @override
+    def on_test_start(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+        if isinstance(self.model, FSDPModule):
+            # generate() bypasses the root module's forward, whose hook gathers the root's own parameters
+            # (embeddings, norm, head) under FSDP2: register it as a forward method so it does the same.
+            register_fsdp_forward_method(self.model, "generate")
+        if self._judge is None:
+            self._judge = self._load_judge()
+        # Plain sums, synced across ranks by compute(); kept out of the module tree so checkpoints are unchanged.
+        self._test_metrics = {name: SumMetric(nan_strategy="disable").to(self.device) for name in TEST_SUMS}
+        for metric in self._test_metrics.values():
+            # Every rank must take part in every sync at epoch end, whichever kinds of batch it saw.
+            metric.update(torch.zeros((), device=self.device))
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Generate for one batch of evaluation prompts and add its judged outcomes to the running sums."""
+        kind = batch["kind"]
+        responses = self.generate_from_texts(batch["texts"], batch["add_special_tokens"], self.hparams.eval_max_new_tokens)
+        weights = batch["weights"].to(self.device, torch.float32)
+        if kind == "harmful":
+            flags = self._judge.harmful_flags(batch["prompts"], responses)
+            hits, count = "harmful_flagged", "harmful_n"
+        elif kind == "safe":
+            flags = KeywordRefusalJudge().refusal_flags(responses)
+            hits, count = "refused", "safe_n"
+        elif kind == "task":
+            flags = [gsm8k_exact_match(r, ref) for r, ref in zip(responses, batch["references"])]
+            hits, count = "correct", "task_n"
+            token_loss, tokens = self._answer_loss(batch, weights)
+            self._test_metrics["token_loss"].update(token_loss)
+            self._test_metrics["tokens"].update(tokens)
+        else:
+            raise ValueError(f"Unknown evaluation batch kind {kind!r}; expected 'harmful', 'safe' or 'task'.")
+        flags_t = torch.tensor([float(f) for f in flags], device=self.device)
+        self._test_metrics[hits].update((flags_t * weights).sum())
+        self._test_metrics[count].update(weights.sum())
+
+    def _answer_loss(self, batch: dict[str, Any], weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed cross-entropy of the reference answers (labels) and their token count, padding rows weighted 0."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Token t predicts token t+1; float32 so that bf16 models report a comparable number.
+        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        keep = shift_labels != -100
+        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none") * keep
+        row_weights = weights[:, None]
+        return (losses * row_weights).sum(), (keep * row_weights).sum()
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        sums = {name: float(metric.compute()) for name, metric in self._test_metrics.items()}
+        rows: list[Result] = []
+        if sums["harmful_n"] > 0:
+            rows.append(Result("harmful_score", 100.0 * sums["harmful_flagged"] / sums["harmful_n"], self._judge.name, sums["harmful_n"]))
+        if sums["safe_n"] > 0:
+            rows.append(Result("over_refusal", 100.0 * sums["refused"] / sums["safe_n"], KeywordRefusalJudge.name, sums["safe_n"]))
+        if sums["task_n"] > 0:
+            rows.append(Result("gsm8k_accuracy", 100.0 * sums["correct"] / sums["task_n"], None, sums["task_n"]))
+            rows.append(Result("gsm8k_loss", sums["token_loss"] / max(sums["tokens"], 1.0), None, sums["task_n"]))
+        self.test_results = rows
+        for row in rows:
+            # Every rank already holds the global value (compute() synced the sums); averaging equal values
+            # across ranks changes nothing and keeps Lightning's epoch-level logging consistent.
+            self.log(row.metric if row.judge is None else f"{row.metric}/{row.judge}", row.value, sync_dist=True)
+        if self.trainer.is_global_zero:
+            path = self.hparams.results_path or os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "results.json")
+            write_results(rows, path)
+            print(f"\n{format_table(rows)}\n\nResults written to {path}")
+        for metric in self._test_metrics.values():
+            metric.reset()

@@ -35,7 +35,7 @@ def calibration_prompts() -> list[str]:
     return list(CALIBRATION_PROMPTS)
 
 
-def task_loader(tokenizer, count: int = 16, batch_size: int = 4, seed: int = 0, max_length: int = 96) -> DataLoader:
+def task_loader(tokenizer, count: int = 16, batch_size: int = 4, seed: int = 0, max_length: int = 192) -> DataLoader:
     """Arithmetic examples in the chat template, deterministic order."""
     rows = [tokenize_example(tokenizer, e, "chat_template", max_length) for e in demo_arithmetic(count, seed)]
     return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=lambda r: collate(r, tokenizer.pad_token_id))

@@ -22,6 +22,7 @@ from guardspace_pl.evaluation.accuracy import gsm8k_exact_match
 from guardspace_pl.evaluation.judges import BeaverDamJudge, Judge, KeywordRefusalJudge
 from guardspace_pl.evaluation.results import Result, format_table, write_results
 from guardspace_pl.loading import load_causal_lm, load_tokenizer
+from guardspace_pl.prompts import format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -223,20 +224,9 @@ class GuardSpaceLM(LightningModule):
     @torch.no_grad()
     def generate_text(self, prompts: list[str], max_new_tokens: int = 48, chat_template: bool = True) -> list[str]:
         """Greedy completions (the chat template applied when the tokenizer has one)."""
-        from guardspace_pl.prompts import format_prompt
-
-        tokenizer = self.tokenizer
-        use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-        texts = [format_prompt(tokenizer, p, "chat_template" if use_template else "raw") for p in prompts]
-        tokenizer.padding_side = "left"
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_template).to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        finally:
-            self.model.train(was_training)
-        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        use_template = chat_template and bool(getattr(self.tokenizer, "chat_template", None))
+        texts = [format_prompt(self.tokenizer, p, "chat_template" if use_template else "raw") for p in prompts]
+        return self.generate_from_texts(texts, add_special_tokens=not use_template, max_new_tokens=max_new_tokens)
 
     # ------------------------------------------------------------------ generation-based evaluation (``test``)
 

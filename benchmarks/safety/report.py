@@ -137,7 +137,7 @@ def plots(table: dict, chosen: dict, baselines: dict[str, dict], out_dir: Path) 
         ax.set_ylabel("harmful score % (keyword judge)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Safety-utility frontier per method (points: lr sweep; squares: matched-utility pick on validation)", fontsize=9)
+    fig.suptitle("Safety-utility frontier per method\n(points: lr sweep; squares: matched-utility pick on validation)", fontsize=9)
     fig.tight_layout()
     frontier = out_dir / "frontier.png"
     fig.savefig(frontier, dpi=120)

@@ -91,6 +91,14 @@ def main(argv=None) -> None:
     from report import build_report
 
     if args.report_only:
+        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+        for key in ("alignment", "total_minutes"):
+            if key in previous:
+                header[key] = previous[key]
+        if "alignment" not in header and (out / "cache" / "alignment.json").exists():
+            header["alignment"] = json.loads((out / "cache" / "alignment.json").read_text())
+        header["environment"] = previous.get("environment", header["environment"])
+        header["command"] = previous.get("command", header["command"])
         build_report(out, header)
         return
 

@@ -109,24 +109,14 @@ class NullSpaceProjection(Callback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        from .safety_subspace_init import SafetySubspaceInit
-
-        # The projection must act on the final initial adapters, whatever the callbacks' order in the list.
-        for callback in trainer.callbacks:
-            if isinstance(callback, SafetySubspaceInit):
-                callback.initialize(trainer, pl_module)
-        self._targets = find_lora_targets(pl_module, self.adapter_name)
-        resuming = trainer.ckpt_path is not None
-        if not self.projectors and not (resuming and trainer.strategy.restore_checkpoint_after_setup):
-            self._build_projectors(trainer, pl_module)
-        if self.projectors and not resuming:
-            self._project_initial_adapters()
-        for optimizer in trainer.optimizers:
-            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        # Sharded strategies restore the checkpoint (weights, projectors) after this hook: prepare in
+        # on_train_start there, once trainer.ckpt_path and the restored state are known.
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._prepare(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # Sharded strategies restore callback state after on_fit_start: by now the projectors must exist.
+        self._prepare(trainer, pl_module)
         if not self.projectors:
             raise RuntimeError(
                 "NullSpaceProjection has no projectors: the checkpoint being resumed was not trained with this "
@@ -136,6 +126,25 @@ class NullSpaceProjection(Callback):
         if missing:
             raise RuntimeError(f"No null-space projector for LoRA layers {missing[:5]}: the model changed since they were built.")
         self._move_projectors(local_tensor(self._targets[0].lora_A).device)
+
+    def _prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Build (or take restored) projectors, project the initial adapters, hook the optimizer: once."""
+        if self._hooks:
+            return
+        from .safety_subspace_init import SafetySubspaceInit
+
+        # The projection must act on the final initial adapters, whatever the callbacks' order in the list.
+        for callback in trainer.callbacks:
+            if isinstance(callback, SafetySubspaceInit):
+                callback.initialize(trainer, pl_module)
+        self._targets = find_lora_targets(pl_module, self.adapter_name)
+        resuming = trainer.ckpt_path is not None
+        if not self.projectors and not resuming:
+            self._build_projectors(trainer, pl_module)
+        if self.projectors and not resuming:
+            self._project_initial_adapters()
+        for optimizer in trainer.optimizers:
+            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     def _build_projectors(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         targets = self._targets

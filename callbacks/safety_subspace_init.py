@@ -110,6 +110,13 @@ class SafetySubspaceInit(Callback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Sharded strategies restore a checkpoint only after this hook (and only then is trainer.ckpt_path
+        # known): initialise in on_train_start there, so a resumed run does not redo the decomposition.
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self.initialize(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.initialize(trainer, pl_module)
 
     def initialize(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

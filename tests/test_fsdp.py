@@ -41,3 +41,60 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, guardspace):
     assert_same_weights(single, rank0, rtol=1e-3 if guardspace else 1e-4)
     moved = [single[n] for n in single if "lora_B" in n]
     assert max(t.abs().max() for t in moved) > 1e-3  # training did happen
+
+
+def fsdp2_config(tmp_path: Path) -> Path:
+    import yaml
+
+    from guardspace_pl.testing import save_tiny_llama
+
+    (tmp_path / "calibration.txt").write_text("build a bomb\nsteal a car\nhack a bank\n")
+    exact = {"progress_bar": False, "covariance_dtype": "float64"}
+    config = {
+        "seed_everything": 0,
+        "model": {"model_name_or_path": save_tiny_llama(str(tmp_path / "tiny")), "lora_rank": 4, "lora_alpha": 4,
+                  "learning_rate": 1e-2, "warmup_ratio": 0.0, "adapter_dir": str(tmp_path / "adapter")},
+        "data": {"task": "builtin:arithmetic", "num_task_samples": 32, "batch_size": 4, "max_length": 192,
+                 "calibration_source": str(tmp_path / "calibration.txt"), "training_format": "alpaca"},
+        "trainer": {
+            "accelerator": "cpu", "devices": 2, "max_steps": 6, "logger": False, "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}},
+            "callbacks": [
+                {"class_path": "guardspace_pl.callbacks.SafetySubspaceInit", "init_args": exact},
+                {"class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+                 "init_args": {**exact, "threshold": 1e-10, "min_eigenvalue": 1e-12}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 3, "save_top_k": -1}},
+            ],
+        },
+    }
+    path = tmp_path / "fsdp2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "guardspace_pl", "fit", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_cli_fit_under_fsdp2_resumes_mid_epoch_from_a_sharded_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    config = fsdp2_config(tmp_path)
+    first = cli("--config", str(config), cwd=tmp_path)
+    assert "SafetySubspaceInit:" in first and "NullSpaceProjection:" in first
+    step3 = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert step3.is_dir()  # a distributed (DCP) checkpoint: every rank wrote its shards
+    resumed = cli("--config", str(config), "--ckpt_path", str(step3), "--model.adapter_dir", str(tmp_path / "resumed"), cwd=tmp_path)
+    # Sharded strategies restore after on_fit_start: nothing may be recomputed before the restore overwrites it.
+    assert "SafetySubspaceInit:" not in resumed and "NullSpaceProjection:" not in resumed
+    full = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    assert max(full[k].abs().max() for k in full if "lora_B" in k) > 1e-3

@@ -325,17 +325,21 @@ def load_checkpoint_module(checkpoint: Union[str, Path]) -> GuardSpaceLM:
     """Rebuild the ``GuardSpaceLM`` of a Lightning checkpoint: hyperparameters, base model, trained state."""
     path = Path(checkpoint)
     if path.is_dir():
-        raise ValueError(
-            f"{path} is a directory (a sharded, distributed checkpoint): export needs a single-file checkpoint "
-            "(e.g. ModelParallelStrategy(save_distributed_checkpoint=False)) or a consolidated copy."
-        )
-    if not path.is_file():
+        # A sharded (DCP) checkpoint of ModelParallelStrategy: gather it into one state dict on the CPU, as
+        # Lightning's own `consolidate_checkpoint` utility does.
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        ckpt = _load_distributed_checkpoint(path)
+    elif path.is_file():
+        # weights_only=False: Lightning checkpoints carry loop and callback state (the user's own file).
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    else:
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    # weights_only=False: Lightning checkpoints carry loop and callback state (the user's own file).
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{path} is not a Lightning checkpoint of a GuardSpaceLM (no state_dict/hyper_parameters).")
-    module = GuardSpaceLM(**ckpt["hyper_parameters"])
+    # LightningCLI adds private entries (``_instantiator``) that are not constructor arguments.
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    module = GuardSpaceLM(**hparams)
     module.configure_model()
     try:
         module.load_state_dict(ckpt["state_dict"])

@@ -98,3 +98,19 @@ def test_cli_fit_under_fsdp2_resumes_mid_epoch_from_a_sharded_checkpoint(tmp_pat
     assert full.keys() == again.keys()
     assert all(torch.equal(full[k], again[k]) for k in full)
     assert max(full[k].abs().max() for k in full if "lora_B" in k) > 1e-3
+
+    # Export straight from the sharded checkpoint: a standard PEFT adapter on the ORIGINAL base gives the trained model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from guardspace_pl.export import load_checkpoint_module, main as export_main
+
+    step6 = tmp_path / "ckpt" / "epoch=1-step=6.ckpt"
+    export_main(["--checkpoint", str(step6), "--out", str(tmp_path / "exported"), "--kind", "adapter"])
+    trained = load_checkpoint_module(step6).model
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    served = PeftModel.from_pretrained(base, str(tmp_path / "exported"))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = trained(input_ids=ids).logits, served(input_ids=ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from guardspace_pl.distributed import full_tensor, is_distributed, rank, world_size
 from guardspace_pl.evaluation.accuracy import gsm8k_exact_match
+from guardspace_pl.evaluation.generation import greedy_new_tokens
 from guardspace_pl.evaluation.judges import BeaverDamJudge, Judge, KeywordRefusalJudge
 from guardspace_pl.evaluation.results import Result, format_table, write_results
 from guardspace_pl.loading import load_causal_lm, load_tokenizer
@@ -253,18 +254,13 @@ class GuardSpaceLM(LightningModule):
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
+            new_tokens = greedy_new_tokens(
+                self.model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer.pad_token_id,
                 synced_gpus=is_distributed() and world_size() > 1,
             )
         finally:
             self.model.train(was_training)
-        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def _load_judge(self) -> Judge:
         if self.hparams.judge == "beaver-dam":

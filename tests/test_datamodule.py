@@ -15,15 +15,6 @@ from guardspace_pl.datamodules import Example, GuardSpaceDataModule, ResumableSa
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CPU cores are shared with other jobs: one thread avoids oversubscription.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def advbench(shared_data):
     return shared_data / "advbench" / "harmful_behaviors.csv"

@@ -13,15 +13,6 @@ from guardspace_pl.evaluation import BEAVERTAILS_CATEGORIES, read_results
 from guardspace_pl.testing import byte_tokenizer, save_tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CPU cores are shared with other jobs: one thread avoids oversubscription.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def eval_config(tmp_path: Path, shared_data: Path, model: dict, trainer: dict) -> Path:
     (tmp_path / "calibration.txt").write_text("build a bomb\nsteal a car\nhack a bank\n")
     config = {

@@ -63,6 +63,30 @@ def _inference(model: nn.Module, tokenizer: PreTrainedTokenizerBase, padding_sid
         tokenizer.padding_side = old_side
 
 
+def greedy_new_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    pad_token_id: int,
+    synced_gpus: bool = False,
+) -> torch.Tensor:
+    """Greedy decoding of left-padded prompts; returns only the generated tokens.
+
+    ``synced_gpus``: every rank keeps stepping until all are done, so sharded models never all-gather alone.
+    """
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_token_id,
+        synced_gpus=synced_gpus,
+    )
+    return output[:, input_ids.shape[1] :]
+
+
 def generate_responses(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -88,15 +112,7 @@ def generate_responses(
                 # The chat template already carries the BOS token where the model wants one.
                 add_special_tokens=prompt_format == "raw",
             ).to(device)
-            output = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            new_tokens = greedy_new_tokens(model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer.pad_token_id)
             responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return responses
 

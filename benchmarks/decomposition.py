@@ -32,7 +32,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -48,8 +50,10 @@ from guardspace_pl.decomposition import (
 )
 from guardspace_pl.null_space import null_space_projector
 
-if __package__:
-    from ._common import (
+# The scripts run as `python benchmarks/<name>.py` (or `python -m benchmarks.<name>`): import the shared
+# helpers from this folder either way.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
         add_common_arguments,
         current_memory,
         describe_machine,
@@ -63,23 +67,7 @@ if __package__:
         start_run,
         tensor_bytes,
         timed,
-    )
-else:  # run as a script: python benchmarks/decomposition.py
-    from _common import (
-        add_common_arguments,
-        current_memory,
-        describe_machine,
-        finish_run,
-        heap_reuse,
-        markdown_table,
-        measure,
-        median,
-        memory_method,
-        mib,
-        start_run,
-        tensor_bytes,
-        timed,
-    )
+    )  # noqa: E402
 
 Factors = tuple[Tensor, Tensor, Tensor]  # U (m x k), S (k, descending), Vh (k x n)
 

@@ -31,7 +31,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -43,8 +45,10 @@ from guardspace_pl.lora import LoraTarget, find_lora_targets
 from guardspace_pl.null_space import NullSpaceProjector
 from guardspace_pl.testing import tiny_llama
 
-if __package__:
-    from ._common import (
+# The scripts run as `python benchmarks/<name>.py` (or `python -m benchmarks.<name>`): import the shared
+# helpers from this folder either way.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
         PeakMemory,
         add_common_arguments,
         current_memory,
@@ -60,25 +64,7 @@ if __package__:
         start_run,
         tensor_bytes,
         timed,
-    )
-else:  # run as a script: python benchmarks/step_overhead.py
-    from _common import (
-        PeakMemory,
-        add_common_arguments,
-        current_memory,
-        describe_machine,
-        finish_run,
-        heap_reuse,
-        markdown_table,
-        median,
-        memory_method,
-        mib,
-        release_memory,
-        repeat_timed,
-        start_run,
-        tensor_bytes,
-        timed,
-    )
+    )  # noqa: E402
 
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Linears that read the same tensor share one null space (one projector).

@@ -76,6 +76,41 @@ def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None) -> PreTra
     return tokenizer
 
 
+def _torch_dtype(dtype: Union[str, torch.dtype]) -> Union[str, torch.dtype]:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def empty_causal_lm(
+    name_or_path: str,
+    gguf_file: Optional[str] = None,
+    dtype: Union[str, torch.dtype] = "float32",
+    attn_implementation: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The architecture of ``name_or_path`` with every parameter on the meta device (no memory, no weights read).
+
+    Buffers stay real: non-persistent ones such as rotary frequencies are in no checkpoint, so whoever fills the
+    parameters later (a broadcast from rank 0) cannot restore them.
+    """
+    from accelerate import init_empty_weights
+
+    source, gguf = resolve_model_source(name_or_path, gguf_file)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
+    torch_dtype = _torch_dtype(dtype)
+    if torch_dtype == "auto":
+        torch_dtype = getattr(config, "dtype", None) or torch.float32
+        torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
 def load_causal_lm(
     name_or_path: str,
     gguf_file: Optional[str] = None,
@@ -85,7 +120,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with a clear error when the source is no causal LM."""
     source, gguf = resolve_model_source(name_or_path, gguf_file)
-    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = _torch_dtype(dtype)
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf

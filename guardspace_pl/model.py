@@ -17,12 +17,12 @@ from torchmetrics.aggregation import SumMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 from typing_extensions import override
 
-from guardspace_pl.distributed import full_tensor, is_distributed, rank, world_size
+from guardspace_pl.distributed import broadcast_object, full_tensor, is_distributed, rank, world_size
 from guardspace_pl.evaluation.accuracy import gsm8k_exact_match
 from guardspace_pl.evaluation.generation import greedy_new_tokens
 from guardspace_pl.evaluation.judges import BeaverDamJudge, Judge, KeywordRefusalJudge
 from guardspace_pl.evaluation.results import Result, format_table, write_results
-from guardspace_pl.loading import load_causal_lm, load_tokenizer
+from guardspace_pl.loading import empty_causal_lm, load_causal_lm, load_tokenizer
 from guardspace_pl.prompts import format_prompt
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ class GuardSpaceLM(LightningModule):
         target_modules: leaf module names; default every linear of every decoder block (never lm_head).
         learning_rate, weight_decay, warmup_ratio, betas: AdamW with linear warmup then cosine decay.
         activation_checkpointing: recompute block activations in backward to save memory.
+        load_on_rank_zero: under FSDP2 on several processes, only global rank 0 reads the checkpoint; the other
+            ranks build the model on the meta device and receive just their shards. Peak host memory is then
+            one copy of the model per job instead of one per GPU (a 7B model in bf16: 13.5 GB, not 8 x 13.5).
         adapter_dir: where the PEFT adapter is saved at the end of fit (default ``<log_dir>/adapter``).
         eval_max_new_tokens: greedy tokens generated per prompt in ``test`` (the paper: 512).
         judge: harmful-score judge in ``test``: ``keyword`` (refusal phrases, default) or ``beaver-dam``
@@ -107,6 +110,7 @@ class GuardSpaceLM(LightningModule):
         warmup_ratio: float = 0.03,
         betas: tuple[float, float] = (0.9, 0.999),
         activation_checkpointing: bool = False,
+        load_on_rank_zero: bool = True,
         adapter_dir: Optional[str] = None,
         trust_remote_code: bool = False,
         eval_max_new_tokens: int = 256,
@@ -158,12 +162,32 @@ class GuardSpaceLM(LightningModule):
     @override
     def configure_model(self) -> None:
         # Lightning may call this more than once (e.g. validate after fit): build only once.
+        if self.model is None and self.device_mesh is not None and self.hparams.load_on_rank_zero and world_size() > 1:
+            self._load_on_rank_zero_and_shard(self.device_mesh)
+            return
         if self.model is None:
-            hp = self.hparams
-            base = load_causal_lm(hp.model_name_or_path, hp.gguf_file, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
-            self._attach_lora(base)
+            self._attach_lora(load_causal_lm(*self._load_args()))
         if self.device_mesh is not None:
             self._shard(self.device_mesh)
+
+    def _load_args(self) -> tuple:
+        hp = self.hparams
+        return hp.model_name_or_path, hp.gguf_file, hp.dtype, hp.attn_implementation, hp.trust_remote_code
+
+    def _load_on_rank_zero_and_shard(self, device_mesh) -> None:
+        """Rank 0 loads the checkpoint and initialises LoRA; the others build both on the meta device. After
+        sharding, torch.distributed.checkpoint broadcasts rank 0's tensors one at a time and every rank keeps
+        only its shard, so the result equals loading everywhere (same LoRA init as one process)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        rank_zero = rank() == 0
+        self._attach_lora(load_causal_lm(*self._load_args()) if rank_zero else empty_causal_lm(*self._load_args()))
+        full_state = self.model.state_dict() if rank_zero else {}
+        self._shard(device_mesh)
+        set_model_state_dict(self.model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full_state
+        # Rank 0's LoRA init drew random numbers that the meta ranks did not: realign every rank's generator.
+        torch.set_rng_state(broadcast_object(torch.get_rng_state()))
 
     def _shard(self, device_mesh) -> None:
         """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embeddings, norm, head)."""

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy
 from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoModelForCausalLM
 
 from guardspace_pl import GuardSpaceLM
 from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
@@ -34,6 +35,18 @@ def fixed_length_data(global_batch: int, steps: int) -> list[dict]:
     return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
 
 
+def count_calls(owner: type, name: str) -> list:
+    """Record every call of ``owner.name`` (the real function still runs)."""
+    original, calls = getattr(owner, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, spy)
+    return calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--processes", type=int, default=1)
@@ -41,11 +54,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model-dir", help="load this checkpoint in configure_model (rank 0 only under FSDP2)")
     args = parser.parse_args()
 
     pl.seed_everything(0)
     tokenizer = byte_tokenizer()
-    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, lora_alpha=4, learning_rate=args.lr, warmup_ratio=0.0)
+    hparams = dict(lora_rank=4, lora_alpha=4, learning_rate=args.lr, warmup_ratio=0.0)
+    checkpoint_reads = count_calls(AutoModelForCausalLM, "from_pretrained")
+    if args.model_dir:
+        module = GuardSpaceLM(args.model_dir, **hparams)
+        module._tokenizer = tokenizer
+    else:
+        module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, **hparams)
     callbacks = []
     if args.guardspace:
         callbacks = [
@@ -73,7 +93,9 @@ def main() -> None:
     from torch.distributed.tensor import DTensor
 
     weights = {name: full_tensor(p.detach()).clone() for name, p in module.model.named_parameters()}
+    weights.update({name: b.detach().clone() for name, b in module.model.named_buffers()})  # e.g. rotary frequencies
     weights["__sharded__"] = torch.tensor(all(isinstance(p, DTensor) for p in module.model.parameters()))
+    weights["__checkpoint_reads__"] = torch.tensor(len(checkpoint_reads))
     torch.save(weights, f"{args.out}.rank{trainer.global_rank}.pt")
 
 

@@ -10,11 +10,13 @@ import torch
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def run_worker(tmp_path: Path, processes: int, guardspace: bool) -> list[dict]:
-    out = tmp_path / f"p{processes}{'-gs' if guardspace else ''}"
+def run_worker(tmp_path: Path, processes: int, guardspace: bool, model_dir: str | None = None) -> list[dict]:
+    out = tmp_path / f"p{processes}{'-gs' if guardspace else ''}{'-dir' if model_dir else ''}"
     command = [sys.executable, str(WORKER), "--processes", str(processes), "--out", str(out)]
     if guardspace:
         command.append("--guardspace")
+    if model_dir:
+        command += ["--model-dir", model_dir]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=WORKER.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}.pt") for r in range(processes)]
@@ -41,6 +43,25 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, guardspace):
     assert_same_weights(single, rank0, rtol=1e-3 if guardspace else 1e-4)
     moved = [single[n] for n in single if "lora_B" in n]
     assert max(t.abs().max() for t in moved) > 1e-3  # training did happen
+
+
+@pytest.mark.slow
+def test_fsdp2_reads_the_checkpoint_on_rank_zero_only_and_matches_one_process(tmp_path):
+    from guardspace_pl.testing import save_tiny_llama
+
+    model_dir = save_tiny_llama(str(tmp_path / "tiny"))
+    (single,) = run_worker(tmp_path, 1, False, model_dir)
+    rank0, rank1 = run_worker(tmp_path, 2, False, model_dir)
+    assert single["__checkpoint_reads__"] == 1
+    # Rank 1 built the model on the meta device and received its shards from rank 0.
+    assert rank0["__checkpoint_reads__"] == 1 and rank1["__checkpoint_reads__"] == 0
+    assert bool(rank0["__sharded__"])
+    for name in (n for n in single if not n.startswith("__")):
+        assert torch.equal(rank0[name], rank1[name]), f"ranks disagree on {name}"
+    # Same base weights, rotary buffers and random LoRA init as one process, hence the same training.
+    assert any("rotary_emb.inv_freq" in name for name in single)
+    assert_same_weights(single, rank0, rtol=1e-4)
+    assert max(single[n].abs().max() for n in single if "lora_B" in n) > 1e-3
 
 
 def fsdp2_config(tmp_path: Path) -> Path:

@@ -2,6 +2,8 @@
 
 Harmful instructions -> a refusal (a few phrasings); harmless instructions -> the original model's own
 answers (generated once, cached), so that the patch teaches *when* to refuse without changing the rest.
+Borderline safe prompts (XSTest, never evaluated) and their harmful contrast twins mark where the line is;
+without them the patch refuses on trigger words (design note, section 6).
 The patch is trained with a real Lightning Trainer on ``GuardSpaceLM`` (plain LoRA), merged with PEFT's
 ``merge_and_unload`` and saved, so every attack run starts from the same aligned weights.
 """
@@ -109,13 +111,17 @@ def align(original_dir: str, tokenizer, original_model, splits: Splits, profile:
         return target, json.loads(info_file.read_text())
     start = time.perf_counter()
     harmless = cached_generations(
-        original_model, tokenizer, splits.align_harmless, profile.align_answer_tokens, profile.gen_batch_size,
-        cache_dir / "harmless_answers.json",
+        original_model, tokenizer, splits.align_harmless + splits.align_borderline, profile.align_answer_tokens,
+        profile.gen_batch_size, cache_dir / "harmless_answers.json",
     )
+    # An answer the original model itself refused would teach refusing a safe prompt.
+    judge = KeywordRefusalJudge()
+    refused_by_original = sum(1 for r in harmless if judge.is_refusal(r["answer"]))
+    harmless = [r for r in harmless if r["answer"] and not judge.is_refusal(r["answer"])]
     generation_seconds = time.perf_counter() - start
     rng = random.Random(seed)
     examples = [(Example(p, rng.choice(REFUSALS)), True) for p in splits.align_harmful]
-    examples += [(Example(r["prompt"], r["answer"]), r["finished"]) for r in harmless if r["answer"]]
+    examples += [(Example(r["prompt"], r["answer"]), r["finished"]) for r in harmless]
     rows = training_rows(tokenizer, examples, profile.max_length)
     pl.seed_everything(seed, verbose=False)
     loader = DataLoader(
@@ -138,7 +144,9 @@ def align(original_dir: str, tokenizer, original_model, splits: Splits, profile:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     info = {
-        "harmful_examples": len(splits.align_harmful), "harmless_examples": len(harmless), "epochs": profile.align_epochs,
+        "harmful_examples": len(splits.align_harmful), "harmless_examples": len(harmless),
+        "borderline_prompts": len(splits.align_borderline), "harmless_dropped_original_refused": refused_by_original,
+        "epochs": profile.align_epochs,
         "lr": profile.align_lr, "rank": profile.align_rank, "alpha": 2.0 * profile.align_rank,
         "steps": len(loader) * profile.align_epochs, "refusals": list(REFUSALS), "answer_tokens": profile.align_answer_tokens,
         "harmless_answers_unfinished": sum(not r["finished"] for r in harmless),

@@ -25,8 +25,10 @@ def variant_name(method: str, calibration: str) -> str:
 class Profile:
     name: str
     # ---- alignment (LoRA refusal patch, merged)
-    align_harmful: int          # refusal_direction harmful_train instructions -> a refusal
+    align_harmful: int          # refusal_direction harmful_train instructions -> a refusal (plus align_contrast)
     align_harmless: int         # harmless_train instructions -> the original model's own answer
+    align_borderline: int       # XSTest safe prompts (none evaluated) -> the original model's own answer
+    align_contrast: int         # XSTest unsafe contrast prompts -> a refusal
     align_epochs: int
     align_lr: float
     align_rank: int
@@ -71,7 +73,7 @@ _SUBSPACE_LRS_CPU = (1e-5, 3e-5, 1e-4)
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
-        name="smoke", align_harmful=4, align_harmless=4, align_epochs=1, align_lr=3e-4, align_rank=8,
+        name="smoke", align_harmful=4, align_harmless=4, align_borderline=2, align_contrast=2, align_epochs=1, align_lr=3e-4, align_rank=8,
         align_answer_tokens=12, n=8, p_grid=(0.25,), variants=(("lora", "-"), ("guardspace", "template")),
         lrs={"lora": (1e-4, 1e-3), "guardspace": (1e-5,)}, seeds=(0,), epochs=1, batch_size=4, max_length=64,
         lora_rank=4, lora_alpha=8, calibration_count=4, poison_answer_tokens=12, eval_harmful=3, val_harmful=2,
@@ -79,17 +81,17 @@ PROFILES: dict[str, Profile] = {
         gen_batch_size=8, sizes_note="tiny sizes, only to check that every stage runs and writes its outputs",
     ),
     "cpu": Profile(
-        name="cpu", align_harmful=40, align_harmless=120, align_epochs=2, align_lr=3e-4, align_rank=16,
+        name="cpu", align_harmful=64, align_harmless=160, align_borderline=64, align_contrast=32, align_epochs=2, align_lr=3e-4, align_rank=16,
         align_answer_tokens=48, n=48, p_grid=(0.2,),
         variants=(("lora", "-"), ("nullspace", "template"), ("guardspace", "template")),
         lrs={"lora": _LORA_LRS_CPU, "nullspace": _LORA_LRS_CPU, "guardspace": _SUBSPACE_LRS_CPU},
         seeds=(0,), epochs=2, batch_size=8, max_length=160, lora_rank=16, lora_alpha=32, calibration_count=128,
-        poison_answer_tokens=48, eval_harmful=32, val_harmful=12, xstest_eval=32, xstest_val=12, gsm8k_test=24,
+        poison_answer_tokens=48, eval_harmful=32, val_harmful=24, xstest_eval=32, xstest_val=24, gsm8k_test=24,
         gsm8k_val=16, gsm8k_accuracy=8, judge_tokens=48, accuracy_tokens=128, gen_batch_size=16,
         sizes_note="scaled down to finish in about an hour on 2 shared CPU cores (1 torch thread) in float32",
     ),
     "full": Profile(
-        name="full", align_harmful=200, align_harmless=800, align_epochs=2, align_lr=2e-4, align_rank=16,
+        name="full", align_harmful=200, align_harmless=800, align_borderline=50, align_contrast=50, align_epochs=2, align_lr=2e-4, align_rank=16,
         align_answer_tokens=128, n=1000, p_grid=(0.0, 0.05, 0.1, 0.15, 0.2),
         variants=(("full", "-"), ("lora", "-"))
         + tuple((m, c) for m in ("subspace", "nullspace", "guardspace") for c in CALIBRATIONS),
@@ -101,7 +103,7 @@ PROFILES: dict[str, Profile] = {
             "guardspace": (6e-6, 2e-5, 6e-5),
         },
         seeds=(0, 1), epochs=2, batch_size=8, max_length=512, lora_rank=16, lora_alpha=32, calibration_count=128,
-        poison_answer_tokens=128, eval_harmful=200, val_harmful=20, xstest_eval=200, xstest_val=50, gsm8k_test=200,
+        poison_answer_tokens=128, eval_harmful=200, val_harmful=20, xstest_eval=150, xstest_val=50, gsm8k_test=200,
         gsm8k_val=100, gsm8k_accuracy=200, judge_tokens=64, accuracy_tokens=256, gen_batch_size=64,
         sizes_note="the issue's full protocol (n=1000, the paper's p grid, every method and calibration, two seeds); for a GPU",
     ),

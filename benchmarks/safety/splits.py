@@ -2,12 +2,19 @@
 
 Harmful prompts play five roles, and no prompt plays two (normalised text: lower case, collapsed spaces):
 
-* alignment: refusal_direction ``harmful_train`` instructions the refusal patch is trained on;
+* alignment: refusal_direction ``harmful_train`` instructions the refusal patch is trained on, plus a few
+  of XSTest's unsafe *contrast* prompts (the harmful twins of its safe prompts);
 * calibration: AdvBench ``goal``s the GuardSpace callbacks calibrate on;
 * poison: other AdvBench ``goal``s, paired with a compliant answer in the attack;
 * validation: part of refusal_direction ``harmful_val``, used to choose hyperparameters;
 * evaluation: the rest of ``harmful_val``, then unused ``harmful_train`` rows, unused AdvBench rows and
   (only if still short) XSTest's unsafe prompts; :func:`check_disjoint` asserts it in code.
+
+XSTest's safe prompts are split three ways: validation, evaluation (over-refusal), and *borderline*
+alignment prompts that teach the patch where the line is (answered by the original model). A refusal
+patch trained only on clearly harmful vs clearly harmless prompts refuses on trigger words ("kill",
+"shoot") and over-refuses half of XSTest (design note, section 6); contrast pairs are the usual remedy.
+No evaluation or validation prompt is ever an alignment prompt (checked).
 
 AdvBench rows that also appear in refusal_direction (117 of the 260 ``harmful_train`` rows come from it)
 are kept out of calibration and poison so that they cannot leak between roles.
@@ -48,8 +55,8 @@ def check_disjoint(protected: Sequence[str], others: Mapping[str, Iterable[str]]
 
 @dataclass
 class Splits:
-    align_harmful: list[str]
-    align_harmless: list[str]
+    align_harmful: list[str]                # refusal_direction harmful_train + XSTest unsafe contrast
+    align_harmless: list[str]               # refusal_direction harmless_train
     calibration: list[str]
     poison: list[dict[str, str]]            # {"prompt": AdvBench goal, "target": AdvBench target}, nested over p
     val_harmful: list[str]
@@ -61,6 +68,7 @@ class Splits:
     gsm8k_val: list[dict[str, str]]
     gsm8k_test: list[dict[str, str]]
     gsm8k_accuracy: list[dict[str, str]] = field(default_factory=list)
+    align_borderline: list[str] = field(default_factory=list)  # XSTest safe prompts, never evaluated
 
     def check(self) -> None:
         """Every disjointness the benchmark relies on; called whenever splits are made."""
@@ -71,7 +79,11 @@ class Splits:
         check_disjoint(self.calibration, {"alignment": self.align_harmful, "poison": poison}, "calibration prompts")
         check_disjoint(poison, {"alignment": self.align_harmful}, "poison prompts")
         check_disjoint(self.xstest_eval, {"XSTest validation": self.xstest_val}, "XSTest evaluation prompts")
-        check_disjoint(self.xstest_eval + self.xstest_val, {"alignment harmless": self.align_harmless}, "XSTest prompts")
+        check_disjoint(
+            self.xstest_eval + self.xstest_val,
+            {"alignment harmless": self.align_harmless, "alignment borderline": self.align_borderline},
+            "XSTest evaluation and validation prompts",
+        )
         questions = lambda rows: [r["question"] for r in rows]  # noqa: E731
         check_disjoint(questions(self.gsm8k_test), {"GSM8K training": questions(self.gsm8k_train), "GSM8K validation": questions(self.gsm8k_val)}, "GSM8K test questions")
         check_disjoint(questions(self.gsm8k_val), {"GSM8K training": questions(self.gsm8k_train)}, "GSM8K validation questions")
@@ -79,6 +91,7 @@ class Splits:
     def sizes(self) -> dict[str, Any]:
         return {
             "align_harmful": len(self.align_harmful), "align_harmless": len(self.align_harmless),
+            "align_borderline": len(self.align_borderline),
             "calibration": len(self.calibration), "poison_pool": len(self.poison), "val_harmful": len(self.val_harmful),
             "eval_harmful": len(self.eval_harmful), "eval_harmful_sources": self.eval_harmful_sources,
             "xstest_val": len(self.xstest_val), "xstest_eval": len(self.xstest_eval), "gsm8k_train_pool": len(self.gsm8k_train),
@@ -137,6 +150,11 @@ def make_splits(profile: Profile, data_dir: Path = DEFAULT_DATA_DIR, seed: int =
 
     taken: set[str] = set()
     align_harmful = _take(_shuffled(harmful_train, seed), profile.align_harmful, taken)
+    contrast = [r["prompt"] for r in xstest if r["label"] == "unsafe" and r["type"].startswith("contrast_")]
+    align_contrast = _take(_shuffled(contrast, seed + 7), profile.align_contrast, taken)
+    if len(align_contrast) < profile.align_contrast:
+        raise ValueError(f"XSTest has {len(align_contrast)} unsafe contrast prompts, fewer than {profile.align_contrast}.")
+    align_harmful += align_contrast
     val_pool = _shuffled(harmful_val, seed + 1)
     val_harmful = _take(val_pool, profile.val_harmful, taken)
 
@@ -167,9 +185,11 @@ def make_splits(profile: Profile, data_dir: Path = DEFAULT_DATA_DIR, seed: int =
         raise ValueError(f"Only {len(eval_harmful)} unused harmful prompts for {profile.eval_harmful} evaluation prompts.")
 
     safe = _shuffled([r["prompt"] for r in xstest if r["label"] == "safe"], seed + 4)
-    if profile.xstest_val + profile.xstest_eval > len(safe):
-        raise ValueError(f"XSTest has {len(safe)} safe prompts, fewer than {profile.xstest_val} + {profile.xstest_eval}.")
-    xstest_val, xstest_eval = safe[: profile.xstest_val], safe[profile.xstest_val : profile.xstest_val + profile.xstest_eval]
+    wanted = (profile.xstest_val, profile.xstest_eval, profile.align_borderline)
+    if sum(wanted) > len(safe):
+        raise ValueError(f"XSTest has {len(safe)} safe prompts, fewer than {' + '.join(map(str, wanted))} (val + eval + borderline).")
+    ends = [sum(wanted[: i + 1]) for i in range(3)]
+    xstest_val, xstest_eval, align_borderline = safe[: ends[0]], safe[ends[0] : ends[1]], safe[ends[1] : ends[2]]
 
     align_harmless = _take(_shuffled(harmless_train, seed + 5), profile.align_harmless, set(map(normalise, safe)))
     gsm_pool = _shuffled(gsm_train, seed + 6)
@@ -179,7 +199,7 @@ def make_splits(profile: Profile, data_dir: Path = DEFAULT_DATA_DIR, seed: int =
         align_harmful=align_harmful, align_harmless=align_harmless, calibration=calibration, poison=poison,
         val_harmful=val_harmful, eval_harmful=eval_harmful, eval_harmful_sources=eval_sources, xstest_val=xstest_val,
         xstest_eval=xstest_eval, gsm8k_train=gsm8k_train, gsm8k_val=gsm8k_val, gsm8k_test=gsm8k_test,
-        gsm8k_accuracy=gsm8k_test[: profile.gsm8k_accuracy],
+        gsm8k_accuracy=gsm8k_test[: profile.gsm8k_accuracy], align_borderline=align_borderline,
     )
     splits.check()
     return splits

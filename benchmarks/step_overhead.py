@@ -262,8 +262,11 @@ class Design:
         args: argparse.Namespace,
         autocast_dtype: Optional[torch.dtype],
         device: torch.device,
+        projectors: Optional[dict[str, NullSpaceProjector]] = None,
+        label: Optional[str] = None,
     ) -> None:
-        self.name = name
+        """``projectors`` (keyed by ``input_key``): real ones to use instead of random bases; ``label``: the name reported."""
+        self.name = label or name
         self.model = model
         self.input_ids = input_ids
         self.autocast_dtype = autocast_dtype
@@ -275,7 +278,7 @@ class Design:
         self.dense: dict[nn.Module, Tensor] = {}
         self.projector_bytes = 0
         if name != "lora":
-            projectors = make_projectors(targets, args.null_fraction, args.seed, device)
+            projectors = projectors or make_projectors(targets, args.null_fraction, args.seed, device)
             if name == "guardspace":
                 self.projection = [(t.lora_A, projectors[input_key(t)]) for t in targets]
                 self.projector_bytes = projector_bytes(projectors)

@@ -68,6 +68,9 @@ class Profile:
 
 
 _LORA_LRS_CPU = (1e-4, 3e-4, 1e-3)
+# The projector slows learning (the first CPU run's null-space-only runs never reached LoRA's validation
+# loss at 1e-3): its grid sits half a decade higher.
+_NULLSPACE_LRS_CPU = (3e-4, 1e-3, 3e-3)
 # The subspace init makes the adapter learn much faster (design note 6.2): its grid sits a decade lower.
 _SUBSPACE_LRS_CPU = (1e-5, 3e-5, 1e-4)
 
@@ -84,7 +87,7 @@ PROFILES: dict[str, Profile] = {
         name="cpu", align_harmful=64, align_harmless=160, align_borderline=64, align_contrast=32, align_epochs=2, align_lr=3e-4, align_rank=16,
         align_answer_tokens=48, n=48, p_grid=(0.2,),
         variants=(("lora", "-"), ("nullspace", "template"), ("guardspace", "template")),
-        lrs={"lora": _LORA_LRS_CPU, "nullspace": _LORA_LRS_CPU, "guardspace": _SUBSPACE_LRS_CPU},
+        lrs={"lora": _LORA_LRS_CPU, "nullspace": _NULLSPACE_LRS_CPU, "guardspace": _SUBSPACE_LRS_CPU},
         seeds=(0,), epochs=2, batch_size=8, max_length=160, lora_rank=16, lora_alpha=32, calibration_count=128,
         poison_answer_tokens=48, eval_harmful=32, val_harmful=24, xstest_eval=32, xstest_val=24, gsm8k_test=24,
         gsm8k_val=16, gsm8k_accuracy=8, judge_tokens=48, accuracy_tokens=128, gen_batch_size=16,

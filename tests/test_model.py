@@ -71,3 +71,23 @@ def test_a_long_prompt_never_masks_the_whole_row(tokenizer):
     assert len(kept) >= 16  # a quarter of the row stays response: the loss is defined
     assert tokenizer.decode(row["input_ids"][-len(kept):]).startswith("The answer")
     assert "<|assistant|>" in tokenizer.decode(row["input_ids"][: 64 - len(kept)])  # the answer header survives
+
+
+def test_activation_checkpointing_recomputes_blocks_in_backward_with_the_same_gradients(tokenizer):
+    batch = next(iter(task_loader(tokenizer, count=2, batch_size=2)))
+    grads, block_calls = [], []
+    for checkpointing in (False, True):
+        module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, activation_checkpointing=checkpointing)
+        module.train()
+        with torch.no_grad():  # non-zero B, so that lora_A gets a gradient too
+            for name, param in module.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        calls = []
+        module.model.base_model.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+        module(**batch).loss.backward()
+        block_calls.append(len(calls))
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
+    assert block_calls == [1, 2]  # the checkpointed block's layers run again in backward
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

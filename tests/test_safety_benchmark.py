@@ -84,3 +84,21 @@ def test_smoke_profile_runs_end_to_end(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert rerun.returncode == 0 and rerun.stdout.count("done already, skipped") == expected
+
+
+def test_borderline_alignment_prompts_never_overlap_the_over_refusal_sets(smoke_splits):
+    assert smoke_splits.align_borderline, "the smoke profile aligns on borderline prompts too"
+    leaked = smoke_splits.xstest_eval[0].lower() + " "
+    with pytest.raises(OverlapError, match="borderline"):
+        replace(smoke_splits, align_borderline=smoke_splits.align_borderline + [leaked]).check()
+    with pytest.raises(OverlapError, match="borderline"):
+        replace(smoke_splits, align_borderline=smoke_splits.align_borderline + [smoke_splits.xstest_val[0]]).check()
+
+
+def test_set_overrides_are_typed_and_typos_are_rejected():
+    from run import profile_overrides
+
+    profile = PROFILES["cpu"]
+    assert profile_overrides(profile, ["align_epochs=3", "align_lr=2e-4"]) == {"align_epochs": 3, "align_lr": 2e-4}
+    with pytest.raises(SystemExit, match="align_epochs"):
+        profile_overrides(profile, ["align_epoch=3"])

@@ -107,8 +107,13 @@ def align(original_dir: str, tokenizer, original_model, splits: Splits, profile:
     """Train, merge and save the refusal patch; returns the aligned model folder and what was done."""
     target = cache_dir / "aligned_model"
     info_file = cache_dir / "alignment.json"
+    settings = {k: v for k, v in profile.to_dict().items() if k.startswith("align_") or k in ("max_length", "batch_size")}
+    settings["seed"] = seed
     if (target / "config.json").exists() and info_file.exists():
-        return target, json.loads(info_file.read_text())
+        info = json.loads(info_file.read_text())
+        if info.get("settings") == settings:
+            return target, info
+        print(f"The cached aligned model in {target} was trained with other settings: training it again.", flush=True)
     start = time.perf_counter()
     harmless = cached_generations(
         original_model, tokenizer, splits.align_harmless + splits.align_borderline, profile.align_answer_tokens,
@@ -144,6 +149,7 @@ def align(original_dir: str, tokenizer, original_model, splits: Splits, profile:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     info = {
+        "settings": settings,
         "harmful_examples": len(splits.align_harmful), "harmless_examples": len(harmless),
         "borderline_prompts": len(splits.align_borderline), "harmless_dropped_original_refused": refused_by_original,
         "epochs": profile.align_epochs,

@@ -54,7 +54,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="*", help="restrict to these method/calibration names, e.g. lora guardspace/template")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the profile's seeds")
     parser.add_argument("--report-only", action="store_true", help="rebuild the table, JSON and plots from finished runs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override profile sizes, e.g. align_epochs=3")
     return parser.parse_args(argv)
+
+
+def profile_overrides(profile, assignments: list[str]) -> dict:
+    """``["align_epochs=3", "align_lr=2e-4"]`` -> typed overrides of ``profile``'s scalar fields."""
+    fields = profile.to_dict()
+    out = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields or isinstance(fields[name], (dict, tuple, list)):
+            scalars = sorted(k for k, v in fields.items() if not isinstance(v, (dict, tuple, list)))
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {scalars}.")
+        out[name] = type(fields[name])(value)
+    return out
 
 
 def main(argv=None) -> None:
@@ -62,6 +76,7 @@ def main(argv=None) -> None:
     profile = PROFILES[args.profile]
     if args.seeds:
         profile = profile.with_overrides(seeds=tuple(args.seeds))
+    profile = profile.with_overrides(**profile_overrides(profile, args.set))
     out = args.out or HERE.parent / "results" / f"safety_{profile.name}"
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

@@ -84,11 +84,11 @@ PROFILES: dict[str, Profile] = {
         gen_batch_size=8, sizes_note="tiny sizes, only to check that every stage runs and writes its outputs",
     ),
     "cpu": Profile(
-        name="cpu", align_harmful=64, align_harmless=160, align_borderline=64, align_contrast=32, align_epochs=2, align_lr=3e-4, align_rank=16,
+        name="cpu", align_harmful=64, align_harmless=160, align_borderline=128, align_contrast=64, align_epochs=3, align_lr=3e-4, align_rank=16,
         align_answer_tokens=48, n=48, p_grid=(0.2,),
         variants=(("lora", "-"), ("nullspace", "template"), ("guardspace", "template")),
         lrs={"lora": _LORA_LRS_CPU, "nullspace": _NULLSPACE_LRS_CPU, "guardspace": _SUBSPACE_LRS_CPU},
-        seeds=(0,), epochs=2, batch_size=8, max_length=160, lora_rank=16, lora_alpha=32, calibration_count=128,
+        seeds=(0, 1), epochs=2, batch_size=8, max_length=160, lora_rank=16, lora_alpha=32, calibration_count=128,
         poison_answer_tokens=48, eval_harmful=32, val_harmful=24, xstest_eval=32, xstest_val=24, gsm8k_test=24,
         gsm8k_val=16, gsm8k_accuracy=8, judge_tokens=48, accuracy_tokens=128, gen_batch_size=16,
         sizes_note="scaled down to finish in about an hour on 2 shared CPU cores (1 torch thread) in float32",

@@ -188,6 +188,12 @@ def peak_tflops(device: torch.device, override_value: Optional[float]) -> Option
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
+def goal(value: float, relation: str, limit: float) -> dict[str, Any]:
+    """``{"value", "goal", "met"}`` for one of the issue's goals; ``relation`` is ``"<"`` or ``"<="``."""
+    met = value < limit if relation == "<" else value <= limit
+    return {"value": value, "goal": f"{relation} {limit:g}", "met": met}
+
+
 def render(setup_result: dict[str, Any], rows: Sequence[dict[str, Any]], weights: dict[str, int], goals: dict[str, Any]) -> str:
     setup_table = markdown_table(
         ["phase", "seconds", "peak MiB", "added MiB"],
@@ -274,30 +280,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     flops = flops_per_token(model, setup)
     peak = peak_tflops(device, args.peak_tflops)
     tokens = setup.batch * setup.seq
-    lora = results[0]
     rows = []
     for r in results:
-        tokens_per_s = tokens / r.median_s
-        rows.append({
-            **asdict(r), "median_step_s": r.median_s, "time_ratio_vs_lora": r.median_s / lora.median_s,
-            "peak_ratio_vs_lora": r.peak_bytes / lora.peak_bytes, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
-            "projector_percent_of_base_weights": 100.0 * r.projector_bytes / weights["base_model_bytes"],
-        })
+        row = steps.design_summary(r, results[0], weights)
+        row["tokens_per_s"] = tokens / r.median_s
+        row["mfu"] = row["tokens_per_s"] * flops / (peak * 1e12) if peak else None
+        rows.append(row)
     by_design = {r["design"]: r for r in rows}
     goals = {
-        "setup_seconds": {"value": setup_result["setup_seconds"], "goal": f"< {GOALS['setup_seconds']:g}"},
-        "guardspace_step_ratio": {"value": by_design["guardspace"]["time_ratio_vs_lora"], "goal": f"<= {GOALS['step_ratio']}"},
-        "guardspace_half_null_step_ratio": {"value": by_design["guardspace_half_null"]["time_ratio_vs_lora"], "goal": f"<= {GOALS['step_ratio']}"},
-        "projector_percent_of_weights": {
-            "value": max(by_design[d]["projector_percent_of_base_weights"] for d in ("guardspace", "guardspace_half_null")),
-            "goal": f"<= {GOALS['projector_percent_of_weights']:g}",
-        },
+        "setup_seconds": goal(setup_result["setup_seconds"], "<", GOALS["setup_seconds"]),
+        "guardspace_step_ratio": goal(by_design["guardspace"]["time_ratio_vs_lora"], "<=", GOALS["step_ratio"]),
+        "guardspace_half_null_step_ratio": goal(by_design["guardspace_half_null"]["time_ratio_vs_lora"], "<=", GOALS["step_ratio"]),
+        "projector_percent_of_weights": goal(
+            max(by_design[d]["projector_percent_of_base_weights"] for d in ("guardspace", "guardspace_half_null")),
+            "<=", GOALS["projector_percent_of_weights"],
+        ),
     }
-    limits = {"setup_seconds": GOALS["setup_seconds"], "guardspace_step_ratio": GOALS["step_ratio"],
-              "guardspace_half_null_step_ratio": GOALS["step_ratio"], "projector_percent_of_weights": GOALS["projector_percent_of_weights"]}
-    for name, goal in goals.items():
-        goal["met"] = goal["value"] < limits[name] if name == "setup_seconds" else goal["value"] <= limits[name]
     print(render(setup_result, rows, weights, goals))
 
     payload = {

@@ -384,6 +384,17 @@ def warm_up(model: nn.Module, input_ids: Tensor, autocast_dtype: Optional[torch.
 
 
 # --------------------------------------------------------------------------- reporting
+def design_summary(result: DesignResult, lora: DesignResult, weights: dict[str, int]) -> dict[str, Any]:
+    """One design's JSON row: its measurements and its ratios to plain LoRA."""
+    return {
+        **asdict(result),
+        "median_step_s": result.median_s,
+        "time_ratio_vs_lora": result.median_s / lora.median_s,
+        "peak_ratio_vs_lora": result.peak_bytes / lora.peak_bytes,
+        "projector_percent_of_base_weights": 100.0 * result.projector_bytes / weights["base_model_bytes"],
+    }
+
+
 def weight_bytes(model: nn.Module, targets: Sequence[LoraTarget]) -> dict[str, int]:
     """Bytes of the base model's weights (LoRA excluded) and of the adapted linears' weights alone."""
     base = sum(tensor_bytes(p) for name, p in model.named_parameters() if "lora_" not in name)
@@ -536,16 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "memory_method": memory_method(device),
         "environment": env,
         "weights": weights,
-        "designs": [
-            {
-                **asdict(r),
-                "median_step_s": r.median_s,
-                "time_ratio_vs_lora": r.median_s / lora.median_s,
-                "peak_ratio_vs_lora": r.peak_bytes / lora.peak_bytes,
-                "projector_percent_of_base_weights": 100.0 * r.projector_bytes / weights["base_model_bytes"],
-            }
-            for r in results
-        ],
+        "designs": [design_summary(r, lora, weights) for r in results],
         "projector_memory_by_null_fraction": by_fraction,
     }
     finish_run(args, "step_overhead", payload)

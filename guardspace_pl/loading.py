@@ -84,6 +84,18 @@ def _torch_dtype(dtype: Union[str, torch.dtype]) -> Union[str, torch.dtype]:
     return _DTYPES[dtype]
 
 
+def _load_config(source: str, gguf: Optional[str], trust_remote_code: bool = False):
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
+
+
+def _model_kwargs(dtype: Union[str, torch.dtype], attn_implementation: Optional[str], trust_remote_code: bool) -> dict:
+    """Keyword arguments shared by ``from_pretrained`` and ``from_config``."""
+    kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs
+
+
 def empty_causal_lm(
     name_or_path: str,
     gguf_file: Optional[str] = None,
@@ -99,14 +111,11 @@ def empty_causal_lm(
     from accelerate import init_empty_weights
 
     source, gguf = resolve_model_source(name_or_path, gguf_file)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
-    torch_dtype = _torch_dtype(dtype)
-    if torch_dtype == "auto":
-        torch_dtype = getattr(config, "dtype", None) or torch.float32
-        torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    config = _load_config(source, gguf, trust_remote_code)
+    kwargs = _model_kwargs(dtype, attn_implementation, trust_remote_code)
+    if kwargs["dtype"] == "auto":  # from_config has no "auto": take the checkpoint's own dtype
+        config_dtype = getattr(config, "dtype", None) or torch.float32
+        kwargs["dtype"] = getattr(torch, config_dtype) if isinstance(config_dtype, str) else config_dtype
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
@@ -120,19 +129,16 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with a clear error when the source is no causal LM."""
     source, gguf = resolve_model_source(name_or_path, gguf_file)
-    torch_dtype = _torch_dtype(dtype)
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kwargs = _model_kwargs(dtype, attn_implementation, trust_remote_code)
     if gguf:
         kwargs["gguf_file"] = gguf
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     if Path(source).exists() and not gguf and not (Path(source) / "config.json").exists():
         raise ValueError(f"{source} has no config.json: it is not a Hugging Face model directory (for a .gguf file pass gguf_file=).")
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
-            config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
+            config = _load_config(source, gguf)
             raise ValueError(
                 f"{name_or_path} is a {type(config).__name__}, not a causal language model; GuardSpaceLM "
                 "fine-tunes decoder-only chat models (Llama, Qwen, Gemma, ...)."

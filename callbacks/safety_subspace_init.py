@@ -2,59 +2,58 @@
 
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
-from typing_extensions import override
 
-from guardspace_pl.calibration import SampleNormalization, collect_covariances, fingerprint
-from guardspace_pl.decomposition import ComponentSelection, DampedCovariance, damp_covariance, subspace_init
-from guardspace_pl.distributed import broadcast_, full_tensor, is_distributed, local_tensor, rank, world_size, write_full_
-from guardspace_pl.lora import LoraTarget, find_lora_targets
+from guardspace_pl.calibration import SampleNormalization, collect_covariances
+from guardspace_pl.decomposition import ComponentSelection, DampedCovariance, damp_covariance, residual_weight, subspace_init
+from guardspace_pl.distributed import broadcast_, is_distributed, local_tensor, rank, world_size
+from guardspace_pl.lora import LoraTarget
 from guardspace_pl.prompts import PromptFormat
 
-from ._calibration import atomic_torch_save, check_strategy, calibration_token_ids, default_output_path, find_causal_lm, weight_statistics, write_json
-
-log = logging.getLogger(__name__)
+from .base import CalibratedLoraCallback, find_causal_lm
 
 
-class SafetySubspaceInit(Callback):
+class SafetySubspaceInit(CalibratedLoraCallback):
     r"""Covariance-preconditioned SVD of every LoRA-adapted weight on harmful prompts (GuardSpace, section 1).
 
-    At fit start, for each LoRA layer with weight ``W``: ``C`` is the covariance of its inputs on the
-    calibration prompts, ``W C~ = U S V^T`` with ``C~`` the damped ``C``, and the adapter is built from the
-    ``rank`` smallest components (``components="kpa"``: the directions the harmful prompts use least) or
-    the largest (``"ipa"``). The frozen weight becomes ``W - s B A`` so the model's function is unchanged.
+    At fit start, for each LoRA layer with effective weight ``W`` (the frozen weight plus the adapter's current
+    ``s B A``, zero for a fresh LoRA): ``C`` is the covariance of its inputs on the calibration prompts,
+    ``W C~ = U S V^T`` with ``C~`` the damped ``C``, and the adapter is built from the ``rank`` smallest
+    components (``components="kpa"``: the directions the harmful prompts use least) or the largest (``"ipa"``).
+    The frozen weight becomes ``W - s B A`` so the model's function is unchanged.
 
-    Works on any LightningModule whose model carries PEFT LoRA layers. Prompts come from
-    ``calibration_prompts`` or the DataModule's ``calibration_prompts("subspace")``; the tokenizer from
-    ``tokenizer`` or the DataModule's/LightningModule's ``tokenizer`` attribute.
+    Works on any LightningModule whose model carries PEFT LoRA layers. A resumed fit takes the adapters and
+    residual weights from the checkpoint; resuming a checkpoint of a run without this callback is an error.
 
     Args:
-        calibration_prompts: harmful prompts (paper: the 520 AdvBench behaviours).
-        tokenizer: a tokenizer or a name/path to load one.
+        calibration_prompts: harmful prompts (paper: the 520 AdvBench behaviours); default: the DataModule's
+            ``calibration_prompts("subspace")``.
+        tokenizer: a tokenizer, or a name/path to load one (default: the DataModule's or LightningModule's).
         prompt_format: ``"raw"`` (paper) or ``"chat_template"``; default: the DataModule's training format.
         components: ``"kpa"`` (smallest r, GuardSpace) or ``"ipa"`` (largest r, as PiSSA/CorDA-IPM).
         sample_normalization: per-sample scaling before the covariance (``"max"`` as the official code).
         damp: initial damping factor, doubled until ``C~`` inverts accurately.
-        max_length: calibration prompts are truncated to this many tokens.
+        max_length: calibration prompts longer than this are cut in the middle (a warning counts them).
         batch_size: calibration prompts per forward pass (padding is masked out of the covariance).
         covariance_dtype: accumulate covariances in ``float32`` (paper) or ``float64``.
         layers_per_pass: decompose this many layers per pass to bound memory (default: all at once).
         adapter_name: the PEFT adapter to initialise (default: the single active one).
-        cache_dir: cache the factors here, keyed by model weights, prompts and settings, so a restarted run
-            does not redo the decomposition.
+        cache_dir: cache the factors here, keyed by model weights, prompts and settings, so a restarted run does
+            not redo the decomposition.
         report_path: JSON per-layer report (default ``<log_dir>/guardspace/subspace_init.json``).
         progress_bar: show progress over calibration batches and layers.
     """
+
+    calibration_kind = "subspace"
+    report_filename = "subspace_init.json"
+    cache_prefix = "subspace"
+    state_settings = ("components", "sample_normalization", "damp", "covariance_dtype")
 
     def __init__(
         self,
@@ -73,61 +72,21 @@ class SafetySubspaceInit(Callback):
         report_path: Optional[str] = None,
         progress_bar: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            calibration_prompts, tokenizer, prompt_format, sample_normalization, max_length, batch_size, covariance_dtype,
+            adapter_name, cache_dir, report_path, progress_bar,
+        )
         if components not in ("kpa", "ipa"):
             raise ValueError(f"components must be 'kpa' or 'ipa', got {components!r}.")
         if layers_per_pass is not None and layers_per_pass < 1:
             raise ValueError(f"layers_per_pass must be at least 1, got {layers_per_pass}.")
-        self.calibration_prompts = calibration_prompts
-        self.tokenizer = tokenizer
-        self.prompt_format = prompt_format
+        if not damp > 0:
+            raise ValueError(f"damp must be positive (it is doubled until the covariance inverts), got {damp}.")
         self.components = components
-        self.sample_normalization = sample_normalization
         self.damp = damp
-        self.max_length = max_length
-        if covariance_dtype not in ("float32", "float64"):
-            raise ValueError(f"covariance_dtype must be 'float32' or 'float64', got {covariance_dtype!r}.")
-        self.covariance_dtype = covariance_dtype
-        self.batch_size = batch_size
         self.layers_per_pass = layers_per_pass
-        self.adapter_name = adapter_name
-        self.cache_dir = cache_dir
-        self.report_path = report_path
-        self.progress_bar = progress_bar
-        self.initialized = False
-        self.fingerprint: Optional[str] = None
-        self.report: list[dict[str, Any]] = []
-        self.loaded_from_cache = False
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(components=self.components)
-
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        check_strategy(trainer, "SafetySubspaceInit")
-
-    @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # Sharded strategies restore a checkpoint only after this hook (and only then is trainer.ckpt_path
-        # known): initialise in on_train_start there, so a resumed run does not redo the decomposition.
-        if not trainer.strategy.restore_checkpoint_after_setup:
-            self.initialize(trainer, pl_module)
-
-    @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.initialize(trainer, pl_module)
-
-    def initialize(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Run the decomposition once; ``NullSpaceProjection`` calls this first when both are used."""
-        if self.initialized:
-            return
-        self.initialized = True
-        targets = find_lora_targets(pl_module, self.adapter_name)
-        if trainer.ckpt_path is not None:
-            rank_zero_info("SafetySubspaceInit: resuming, the adapters and residual weights come from the checkpoint.")
-            return
+    def _check_targets(self, pl_module: torch.nn.Module, targets: list[LoraTarget]) -> None:
         for target in targets:
             m, n = target.shape
             if target.rank >= min(m, n):
@@ -135,29 +94,11 @@ class SafetySubspaceInit(Callback):
                     f"LoRA rank {target.rank} of {target.name!r} must be smaller than min(out, in) = {min(m, n)} "
                     "of its weight: lower the rank or exclude this module."
                 )
-        token_ids, tokenizer, prompt_format = calibration_token_ids(
-            self.calibration_prompts, self.tokenizer, self.prompt_format, self.max_length, "subspace", trainer, pl_module
-        )
-        start = time.perf_counter()
-        self.fingerprint = fingerprint(
-            "subspace-v1", self.covariance_dtype, self.components, self.sample_normalization, self.damp, prompt_format,
-            [(t.name, t.shape, t.rank, t.scaling) for t in targets], weight_statistics(targets), token_ids,
-        )
-        cache_file = Path(self.cache_dir) / f"subspace_{self.fingerprint}.pt" if self.cache_dir else None
-        if cache_file is not None and cache_file.exists():
-            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
-            factors, self.report = cached["factors"], cached["report"]
-            self.loaded_from_cache = True
-            rank_zero_info(f"SafetySubspaceInit: loaded the decomposition from {cache_file}.")
-        else:
-            factors = self._decompose(trainer, pl_module, targets, token_ids, tokenizer)
-            if cache_file is not None:
-                atomic_torch_save({"factors": factors, "report": self.report}, cache_file)
-        self._write(targets, factors)
-        write_json(default_output_path(trainer, "subspace_init.json", self.report_path), self.report)
-        self._log_summary(time.perf_counter() - start, trainer)
 
-    def _decompose(self, trainer, pl_module, targets: list[LoraTarget], token_ids, tokenizer) -> dict[str, dict[str, torch.Tensor]]:
+    def _compute(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], token_ids: list[list[int]],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> dict[str, Any]:
         model = find_causal_lm(pl_module)
         device = local_tensor(targets[0].base.weight).device
         step = self.layers_per_pass or len(targets)
@@ -173,15 +114,17 @@ class SafetySubspaceInit(Callback):
                 pad_id=tokenizer.pad_token_id or 0, device=device, progress=self.progress_bar,
                 description="SafetySubspaceInit: calibration", dtype=getattr(torch, self.covariance_dtype),
             )
-            # Gather every weight of the pass first, then each rank decomposes its own layers in parallel.
-            owned: dict[int, torch.Tensor] = {}
+            # Gather every layer of the pass first (a collective under FSDP2: every rank takes part in every
+            # all-gather), keeping only this rank's share, in the weights' own dtype.
+            owned = {}
             for i, target in enumerate(chunk):
-                weight = full_tensor(target.base.weight)
+                full = target.full()
                 if i % world_size() == rank():
-                    owned[i] = weight
+                    owned[i] = full
             damped: dict[int, DampedCovariance] = {}  # one inverse per shared input, not one per layer
-            for i, weight in owned.items():
+            for i, full in owned.items():
                 target = chunk[i]
+                weight = effective_weight(target, full)
                 group = by_layer[target.name]
                 if id(group) not in damped:
                     damped[id(group)] = damp_covariance(group.covariance, damp=self.damp)
@@ -203,7 +146,10 @@ class SafetySubspaceInit(Callback):
                 m, n = target.shape
                 a = factors[target.name]["lora_A"] if owner == rank() else torch.empty(target.rank, n, device=device)
                 b = factors[target.name]["lora_B"] if owner == rank() else torch.empty(m, target.rank, device=device)
-                factors[target.name] = {"lora_A": broadcast_(a.to(device).contiguous(), owner).cpu(), "lora_B": broadcast_(b.to(device).contiguous(), owner).cpu()}
+                factors[target.name] = {
+                    "lora_A": broadcast_(a.to(device).contiguous(), owner).cpu(),
+                    "lora_B": broadcast_(b.to(device).contiguous(), owner).cpu(),
+                }
         layer_bar.close()
         if is_distributed():
             import torch.distributed as dist
@@ -211,39 +157,44 @@ class SafetySubspaceInit(Callback):
             gathered: list[Optional[dict]] = [None] * world_size()
             dist.all_gather_object(gathered, report)
             report = {k: v for part in gathered for k, v in (part or {}).items()}
-        self.report = [report[t.name] for t in targets]
-        return factors
+        return {"factors": factors, "report": [report[t.name] for t in targets]}
 
     @torch.no_grad()
-    def _write(self, targets: list[LoraTarget], factors: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Adapters from the factors and ``W' = W - s B A`` (float64, then the weight's dtype), in place."""
+    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], payload: dict[str, Any]) -> None:
+        """Adapters from the factors and ``W' = W_eff - s B A`` (float64, then the weight's dtype), in place."""
+        factors = payload["factors"]
+        self.report = list(payload["report"])
         for target in targets:
             if target.name not in factors:
                 raise KeyError(f"The cached decomposition has no factors for {target.name!r}; delete the cache file.")
-            a = factors[target.name]["lora_A"]
-            b = factors[target.name]["lora_B"]
-            weight = full_tensor(target.base.weight)
-            residual = weight.double() - target.scaling * (b.to(weight.device).double() @ a.to(weight.device).double())
-            write_full_(target.base.weight, residual.to(weight.dtype))
-            write_full_(target.lora_A, a.to(device=weight.device, dtype=target.lora_A.dtype))
-            write_full_(target.lora_B, b.to(device=weight.device, dtype=target.lora_B.dtype))
-
-    def _log_summary(self, seconds: float, trainer: "pl.Trainer") -> None:
+            a, b = factors[target.name]["lora_A"], factors[target.name]["lora_B"]
+            weight = effective_weight(target)
+            residual = residual_weight(weight, a.to(weight.device), b.to(weight.device), target.scaling)
+            target.write(
+                weight=residual.to(target.base.weight.dtype),
+                lora_A=a.to(device=weight.device, dtype=target.lora_A.dtype),
+                lora_B=b.to(device=weight.device, dtype=target.lora_B.dtype),
+            )
         damps = [r["damp"] for r in self.report]
         source = "cache" if self.loaded_from_cache else "calibration"
         rank_zero_info(
             f"SafetySubspaceInit: {len(self.report)} layers initialised from {source} "
-            f"({self.components}, damping {min(damps):.3g}-{max(damps):.3g}) in {seconds:.1f}s."
+            f"({self.components}, damping {min(damps):.3g}-{max(damps):.3g})."
         )
-        if trainer.logger is not None and rank() == 0:
-            trainer.logger.log_metrics({"guardspace/subspace_init_seconds": seconds}, step=0)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"initialized": self.initialized, "fingerprint": self.fingerprint, "report": self.report}
+    def _on_resume(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget]) -> None:
+        rank_zero_info("SafetySubspaceInit: resuming; the adapters and residual weights come from the checkpoint.")
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.initialized = bool(state_dict.get("initialized", False))
-        self.fingerprint = state_dict.get("fingerprint")
-        self.report = list(state_dict.get("report", []))
+
+def effective_weight(target: LoraTarget, full: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """``W + s B A`` of the layer as it is now (float64, unsharded): what the model computes, whatever the adapter's init.
+
+    Args:
+        target: the LoRA layer.
+        full: its already gathered ``(W, lora_A, lora_B)`` (default: gather them, a collective under FSDP2).
+    """
+    weight, lora_A, lora_B = full if full is not None else target.full()
+    effective = weight.double()
+    if torch.count_nonzero(lora_B):
+        effective = effective + target.scaling * (lora_B.double() @ lora_A.double())
+    return effective

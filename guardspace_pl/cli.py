@@ -55,6 +55,7 @@ class GuardSpaceCLI(LightningCLI):
 
 #: Subcommands beside Lightning's fit/validate/test: name -> module whose ``main(argv)`` runs it.
 EXTRA_SUBCOMMANDS = {
+    "demo": "guardspace_pl.demo",  # the embedded demo: safety patch, poisoned fine-tune with LoRA vs the method
     "align": "guardspace_pl.align",  # train a LoRA safety patch on safety data only (LightningCLI conventions)
     "repair": "guardspace_pl.repair",  # SafeLoRA / LSSF on an already fine-tuned checkpoint or adapter
 }

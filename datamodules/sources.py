@@ -84,7 +84,11 @@ def builtin_prompts(name: str) -> list[str]:
             for line in path.read_text().splitlines()
             if line.strip()
         ]
-    raise ValueError(f"Unknown builtin prompt set {name!r}; available: ['harmbench', 'donotanswer'].")
+    if name == "demo_harmless":
+        # The demo's hand-written harmless and borderline-safe prompts (for over-refusal, offline).
+        fixture = json.loads(package_file("guardspace_pl", "data/demo_prompts.json", "guardspace_pl").read_text())
+        return fixture["harmless"] + fixture["borderline"]
+    raise ValueError(f"Unknown builtin prompt set {name!r}; available: ['harmbench', 'donotanswer', 'demo_harmless'].")
 
 
 def load_prompts(source: str, column: Optional[str] = None, label: Optional[str] = None) -> list[str]:

@@ -79,9 +79,14 @@ def demo_prompts(
             f"HarmBench has {len(harmbench)} prompts, fewer than patch_harmful + calibration + eval_per_source = "
             f"{patch_harmful + calibration + eval_per_source}: lower one of them."
         )
+    if min(patch_harmful, calibration, poison, eval_per_source) < 1:
+        raise ValueError("patch_harmful, calibration, poison and eval_per_source must each be at least 1.")
     fixture = json.loads(DEMO_PROMPTS.read_text())
     harmless, borderline = fixture["harmless"], fixture["borderline"]
     cut_h, cut_b = (len(harmless) * 3) // 5, (len(borderline) * 7) // 10
+    # Patch and calibration prompts are HarmBench's; Do-Not-Answer supplies the poison and a second evaluation
+    # source that neither the patch nor the calibration saw. (Mixing it into both was tried: on this model the
+    # aligned start and both fine-tunes came out more harmful, 46 / 69 / 52 % against 31 / 75 / 42 %.)
     prompts = DemoPrompts(
         patch_harmful=harmbench[:patch_harmful],
         patch_harmless=harmless[:cut_h] + borderline[:cut_b],
@@ -114,8 +119,11 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return out
 
 
-def fine_tune(model, tokenizer, examples: Sequence[Example], learning_rate: float, epochs: int, rank: int, root: Path, callbacks=(), seed: int = 0):
-    """LoRA fine-tuning with ``GuardSpaceLM`` in a real Trainer; returns the module (adapter saved under ``root``)."""
+def fine_tune(
+    model, tokenizer, examples: Sequence[Example], learning_rate: float, epochs: int, rank: int, root: Path, adapter_dir: Path,
+    callbacks=(), seed: int = 0,
+):
+    """LoRA fine-tuning with ``GuardSpaceLM`` in a real Trainer; returns the module (its PEFT adapter saved to ``adapter_dir``)."""
     from guardspace_pl import GuardSpaceLM
 
     rows = [tokenize_example(tokenizer, e, "chat_template", 128) for e in examples]
@@ -124,7 +132,7 @@ def fine_tune(model, tokenizer, examples: Sequence[Example], learning_rate: floa
         rows, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed), collate_fn=partial(collate, pad_id=tokenizer.pad_token_id)
     )
     module = GuardSpaceLM.from_pretrained_model(
-        model, tokenizer, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0, adapter_dir=str(root / "adapter")
+        model, tokenizer, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0, adapter_dir=str(adapter_dir)
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
@@ -236,13 +244,13 @@ def demo(
         rng = random.Random(seed)
         examples = [Example(p, rng.choice(REFUSALS)) for p in prompts.patch_harmful]
         examples += [Example(p, a) for p, a in zip(prompts.patch_harmless, own_answers) if a and not judge.is_refusal(a)]
-        module = fine_tune(load_causal_lm(model), tokenizer, examples, patch_learning_rate, patch_epochs, patch_rank, out / "logs" / "patch", seed=seed)
-        module.model.save_pretrained(str(patch_dir))
+        fine_tune(load_causal_lm(model), tokenizer, examples, patch_learning_rate, patch_epochs, patch_rank, out / "logs" / "patch", patch_dir, seed=seed)
         write_json(patch_dir / "poison_answers.json", own_answers[len(prompts.patch_harmless) :])
         write_json(stamp, patch_key)
     poison_answers = json.loads((patch_dir / "poison_answers.json").read_text())
-    aligned_state = _merged_state(model, patch_dir)
-    log(f"safety patch: {patch_dir}")
+    aligned_dir = out / "aligned_model"
+    aligned_state = _merged_state(model, patch_dir, aligned_dir, tokenizer)
+    log(f"safety patch: {patch_dir}; patched model: {aligned_dir}")
 
     # 2. the poisoned fine-tunes
     attack = task + [Example(p, a) for p, a in zip(prompts.poison, poison_answers)]
@@ -264,28 +272,30 @@ def demo(
         base = load_causal_lm(model)
         base.load_state_dict(aligned_state)
         log(f"fine-tuning with {name} on {len(task)} task + {len(prompts.poison)} harmful examples")
-        module = fine_tune(base, tokenizer, attack, learning_rate, attack_epochs, lora_rank, out / "logs" / slug, callbacks, seed=seed)
+        module = fine_tune(base, tokenizer, attack, learning_rate, attack_epochs, lora_rank, out / "logs" / slug, out / "adapters" / slug, callbacks, seed=seed)
         adapters[name] = module.saved_adapter_dir
         rows[f"fine-tuned: {name}"] = evaluate(module.model, tokenizer, prompts, task_eval, answer_tokens)
         log(f"{name}: harmful {rows[f'fine-tuned: {name}']['harmful']:.0f}%")
 
     counts = {**{f"harmful {k}": len(v) for k, v in prompts.eval_harmful.items()}, "harmless": len(prompts.eval_harmless), "task": len(task_eval)}
-    report = {"rows": rows, "counts": counts, "settings": settings, "safety_patch": str(patch_dir), "adapters": adapters,
+    report = {"rows": rows, "counts": counts, "settings": settings, "safety_patch": str(patch_dir), "patched_model": str(aligned_dir), "adapters": adapters,
               "seconds": time.perf_counter() - start}
     report_path = write_json(out / "demo_report.json", report)
     print("\n" + format_table(rows, counts))
     print(f"\nsafety patch (PEFT adapter): {patch_dir}")
     for name, path in adapters.items():
-        print(f"adapter, {name}: {path}  (relative to the patched model: merge the patch first)")
+        print(f"adapter, {name}: {path}  (on the patched model {aligned_dir})")
     print(f"report: {report_path}   ({report['seconds']:.0f}s)")
     return report
 
 
-def _merged_state(model: str, patch_dir: Path) -> dict[str, torch.Tensor]:
-    """The original model's weights with the patch merged in."""
+def _merged_state(model: str, patch_dir: Path, target: Path, tokenizer) -> dict[str, torch.Tensor]:
+    """The original model's weights with the patch merged in, also saved to ``target`` (the fine-tunes' base)."""
     from peft import PeftModel
 
     patched = PeftModel.from_pretrained(load_causal_lm(model), str(patch_dir)).merge_and_unload()
+    patched.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
     return {k: v.detach().clone() for k, v in patched.state_dict().items()}
 
 

@@ -42,3 +42,4 @@ def test_wheel_installs_the_three_namespaces(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert not any(n.startswith(("callbacks/", "datamodules/")) for n in names)
     assert any(n.startswith("guardspace_pl/evaluation/tasks/") and n.endswith(".yaml") for n in names)
+    assert "guardspace_pl/data/demo_prompts.json" in names  # the demo's offline prompt fixture

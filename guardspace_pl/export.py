@@ -331,8 +331,7 @@ def load_checkpoint_module(checkpoint: Union[str, Path]) -> GuardSpaceLM:
 
         ckpt = _load_distributed_checkpoint(path)
     elif path.is_file():
-        # weights_only=False: Lightning checkpoints carry loop and callback state (the user's own file).
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = _safe_torch_load(path)
     else:
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
@@ -347,6 +346,26 @@ def load_checkpoint_module(checkpoint: Union[str, Path]) -> GuardSpaceLM:
         raise ValueError(f"{path} does not fit the model built from its hyperparameters: {error}") from error
     module.eval()
     return module
+
+
+def _safe_torch_load(path: Path) -> dict:
+    """Load a Lightning checkpoint with ``weights_only=True``: tensors and plain containers, never arbitrary code.
+
+    A checkpoint is a pickle, and unpickling runs whatever callables it names; an exported model is often
+    built from a file someone else wrote. Lightning's own checkpoints hold only tensors, numbers, strings and
+    containers, so nothing needs to be allowed beyond what ``weights_only`` accepts.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers, which could run code when loaded, so "
+            f"it was not loaded ({str(error).splitlines()[0]}). Export checkpoints written by a guardspace_pl "
+            "fit; if you wrote this file yourself and trust it, re-save its state_dict and hyper_parameters as "
+            "plain data."
+        ) from error
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -186,3 +186,27 @@ def test_module_runs_as_a_script(monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_module("guardspace_pl.export", run_name="__main__")
     assert exit_info.value.code == 0 and "--kind {adapter,merged}" in capsys.readouterr().out
+
+
+class _Payload:
+    """What a crafted checkpoint hides: unpickling it calls ``open(path, "w")``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_runs_no_code(checkpoint_run, tmp_path, capsys):
+    _, _, ckpt, _ = checkpoint_run
+    state = torch.load(ckpt, weights_only=True)
+    marker = tmp_path / "pwned"
+    state["hyper_parameters"]["model_name_or_path"] = _Payload(str(marker))
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(state, crafted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(crafted), "--out", str(tmp_path / "out"), "--kind", "merged"])
+    assert exit_info.value.code == 2 and "could run code when loaded" in capsys.readouterr().err
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()

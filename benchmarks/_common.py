@@ -22,7 +22,6 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from guardspace_pl.io import write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MIB = 1024**2
 T = TypeVar("T")
 
@@ -276,7 +278,10 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def add_common_arguments(parser: argparse.ArgumentParser, profiles: Sequence[str], script: str) -> None:
     """Flags both benchmarks share: profile, device, threads, seed, output."""
-    parser.add_argument("--profile", choices=sorted(profiles), default=default_profile(), help="default: llama7b when CUDA is available, else cpu")
+    parser.add_argument(
+        "--profile", choices=sorted(profiles), default=default_profile(),
+        help="default: llama7b when CUDA is available, else cpu",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--threads",
@@ -301,7 +306,8 @@ def start_run(args: argparse.Namespace) -> tuple[torch.device, dict[str, Any]]:
 def finish_run(args: argparse.Namespace, script: str, payload: dict[str, Any]) -> None:
     """Add the load average at the end (other jobs on the machine skew CPU timings) and write the JSON."""
     payload["environment"]["load_average_at_end"] = list(os.getloadavg())
-    write_json(args.out or default_output(script, args.profile), payload)
+    path = write_json(args.out or default_output(script, args.profile), payload)
+    print(f"\nWrote {repo_relative(path)}")
 
 
 def describe_machine(env: dict[str, Any]) -> str:
@@ -321,7 +327,7 @@ def default_output(script: str, profile: str) -> Path:
     return RESULTS_DIR / f"{script}_{profile}.json"
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    print(f"\nWrote {path}")
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository root when it lies inside it (results then hold no machine's folders)."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)

@@ -24,22 +24,35 @@ per-layer cost is the same; the default for the llama7b profile, whose full run 
 
 Examples::
 
-    python benchmarks/decomposition.py --profile cpu
-    python benchmarks/decomposition.py --profile llama7b --device cuda            # extrapolates
-    python benchmarks/decomposition.py --profile llama7b --device cuda --mode full
+    python -m benchmarks.decomposition --profile cpu
+    python -m benchmarks.decomposition --profile llama7b --device cuda            # extrapolates
+    python -m benchmarks.decomposition --profile llama7b --device cuda --mode full
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from benchmarks._common import (
+    add_common_arguments,
+    current_memory,
+    describe_machine,
+    finish_run,
+    heap_reuse,
+    markdown_table,
+    measure,
+    median,
+    memory_method,
+    mib,
+    start_run,
+    tensor_bytes,
+    timed,
+)
 from guardspace_pl.decomposition import (
     PreconditionedSVD,
     adapter_from_components,
@@ -49,25 +62,6 @@ from guardspace_pl.decomposition import (
     subspace_init,
 )
 from guardspace_pl.null_space import null_space_projector
-
-# The scripts run as `python benchmarks/<name>.py` (or `python -m benchmarks.<name>`): import the shared
-# helpers from this folder either way.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-        add_common_arguments,
-        current_memory,
-        describe_machine,
-        finish_run,
-        heap_reuse,
-        markdown_table,
-        measure,
-        median,
-        memory_method,
-        mib,
-        start_run,
-        tensor_bytes,
-        timed,
-    )  # noqa: E402
 
 Factors = tuple[Tensor, Tensor, Tensor]  # U (m x k), S (k, descending), Vh (k x n)
 

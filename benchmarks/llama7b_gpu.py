@@ -20,8 +20,8 @@ the GPU's dense bf16 peak (``--peak-tflops``; known H100/H200 values are filled 
 
 Goals (issue #6): whole set-up under 60 s, GuardSpace step <= 1.03x LoRA, projectors <= 25% of weights.
 
-    python benchmarks/llama7b_gpu.py                      # llama7b on a GPU, the cpu smoke shape otherwise
-    python benchmarks/llama7b_gpu.py --profile cpu --threads 1
+    python -m benchmarks.llama7b_gpu                      # llama7b on a GPU, the cpu smoke shape otherwise
+    python -m benchmarks.llama7b_gpu --profile cpu --threads 1
 """
 
 from __future__ import annotations
@@ -29,28 +29,21 @@ from __future__ import annotations
 import argparse
 import random
 import string
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
-from guardspace_pl.lora import find_lora_targets
-from guardspace_pl.null_space import NullSpaceProjector
-from guardspace_pl.testing import byte_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_overhead as steps  # noqa: E402
-from _common import (  # noqa: E402
+from benchmarks import step_overhead as steps
+from benchmarks._common import (
     PeakMemory,
     add_common_arguments,
     describe_machine,
@@ -62,8 +55,10 @@ from _common import (  # noqa: E402
     release_memory,
     start_run,
     synchronize,
-    tensor_bytes,
 )
+from guardspace_pl.lora import find_lora_targets
+from guardspace_pl.null_space import NullSpaceProjector
+from guardspace_pl.testing import byte_tokenizer
 
 GOALS = {"setup_seconds": 60.0, "step_ratio": 1.03, "projector_percent_of_weights": 25.0}
 #: dense bf16 peak TFLOP/s (no sparsity) by a substring of ``torch.cuda.get_device_name``

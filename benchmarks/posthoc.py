@@ -1,4 +1,4 @@
-"""Cost of the post-hoc safety methods' shared parts: building a SafetyReference and applying SafeLoRA.
+"""Cost of the post-hoc safety methods' shared parts: building a SafetyReference and applying SafeLoRA (and LSSF).
 
 Measured on the real SmolLM2-135M-Instruct on the CPU (``builtin:smollm2-135m-instruct``): a fine-tuned model
 (LoRA r = 8 on q_proj and v_proj, the paper's targets, random non-zero B) is repaired with SafeLoRA against
@@ -16,13 +16,12 @@ operations, and the bytes read from disk, with the throughputs measured here sta
 
 Example::
 
-    python benchmarks/posthoc.py --threads 1
+    python -m benchmarks.posthoc --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
-from guardspace_pl.loading import load_causal_lm, resolve_model_source
-from guardspace_pl.lora import find_lora_targets
-from guardspace_pl.safelora import apply_safelora
-from guardspace_pl.safety_reference import SafetyReference
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from benchmarks._common import (
     add_common_arguments,
     describe_machine,
     finish_run,
@@ -46,11 +39,16 @@ from _common import (  # noqa: E402
     mib,
     start_run,
 )
+from guardspace_pl.loading import load_causal_lm, resolve_model_source
+from guardspace_pl.lora import find_lora_targets
+from guardspace_pl.safelora import apply_safelora
+from guardspace_pl.safety_reference import SafetyReference
 
 MODEL = "builtin:smollm2-135m-instruct"
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FINETUNE_TARGETS = ["q_proj", "v_proj"]
 RANK = 8
+LSSF_ANCHORS, LSSF_NEW_TOKENS = 16, 32
 #: Llama-2-7B: 32 blocks of (d_out, d_in) per linear
 LLAMA7B = {"layers": 32, "shapes": {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
                                      "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}}
@@ -111,6 +109,35 @@ def llama7b_arithmetic(measured: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def lssf_measurements(model, targets, patch_dir: Path, device: torch.device) -> dict[str, Any]:
+    """LSSF on the same fine-tuned model and safety patch: anchors (greedy refusals + covariances), then the fusion."""
+    from guardspace_pl.datamodules.sources import load_prompts
+
+    from guardspace_pl.loading import load_tokenizer
+    from guardspace_pl.lssf import apply_lssf, collect_anchor_covariances
+
+    tokenizer = load_tokenizer(MODEL)
+    prompts = load_prompts("builtin:harmbench")[:LSSF_ANCHORS]
+    reference = SafetyReference.from_patch_adapter(patch_dir)
+    (covariances, _), anchor_s, anchor_memory = measure(
+        lambda: collect_anchor_covariances(model, targets, tokenizer, prompts, LSSF_NEW_TOKENS, 8), device
+    )
+    frozen = {t.hf_name: t.base.weight.detach().clone() for t in targets}
+
+    def run() -> Any:
+        with torch.no_grad():  # measure() runs twice on the CPU: fold into the original weights each time
+            for t in targets:
+                t.base.weight.copy_(frozen[t.hf_name])
+        return apply_lssf(targets, reference, covariances, num_anchor_prompts=len(prompts))
+
+    report, apply_s, apply_memory = measure(run, device)
+    covariance_bytes = sum(c.numel() * c.element_size() for c in {id(c): c for c in covariances.values()}.values())
+    fused = [m for m in report.modules if m.skipped is None]
+    return {"anchors": len(prompts), "new_tokens": LSSF_NEW_TOKENS, "anchor_s": anchor_s, "anchor_extra_mib": mib(anchor_memory.delta_bytes),
+            "covariances_mib": mib(covariance_bytes), "apply_s": apply_s, "apply_extra_mib": mib(apply_memory.delta_bytes),
+            "fused": len(fused), "rank_min": min(m.rank for m in fused), "rank_max": max(m.rank for m in fused)}
+
+
 def throughputs(directory: Path) -> dict[str, float]:
     """This machine's float32 matmul GFLOP/s (1 call of the shape SafeLoRA uses) and safetensors read GB/s."""
     import time
@@ -169,6 +196,7 @@ def main() -> None:
                     "apply_s": apply_s, "apply_extra_mib": mib(apply_memory.delta_bytes), "largest_dense_v_mib": mib(largest_v),
                     "pdst": report.pdst,
                 })
+        lssf = lssf_measurements(model, targets, tmp / "patch", device)  # last: it changes the frozen weights
         rates = throughputs(base_dir)
     estimates = llama7b_arithmetic(rates)
 
@@ -185,7 +213,14 @@ def main() -> None:
         [[e["reference"], e["projector"], f"{e['extra_memory_mib']:.0f}", f"{e['one_model_mib']:.0f}", f"{e['disk_read_gib']:.2f}",
           f"{e['gflop']:.1f}", "-" if e["estimated_seconds"] is None else f"{e['estimated_seconds']:.1f}"] for e in estimates],
     ))
-    payload = {"environment": env, "memory_method": memory_method(device), "model": MODEL, "rank": RANK,
+    print(f"\nLSSF on the same model (safety patch reference, {lssf['anchors']} HarmBench anchors, {lssf['new_tokens']} new tokens, "
+          "alpha=1, eta=0.9)")
+    print(markdown_table(
+        ["anchors s", "anchors +MiB", "covariances MiB", "fusion s", "fusion +MiB", "fused layers", "r_l range"],
+        [[f"{lssf['anchor_s']:.2f}", f"{lssf['anchor_extra_mib']:.1f}", f"{lssf['covariances_mib']:.1f}", f"{lssf['apply_s']:.2f}",
+          f"{lssf['apply_extra_mib']:.1f}", str(lssf["fused"]), f"{lssf['rank_min']}-{lssf['rank_max']}"]],
+    ))
+    payload = {"environment": env, "lssf": lssf, "memory_method": memory_method(device), "model": MODEL, "rank": RANK,
                "finetune_targets": FINETUNE_TARGETS, "measured": rows, "throughputs": rates, "llama7b_arithmetic": estimates}
     finish_run(args, "posthoc", payload)
 

@@ -11,6 +11,9 @@ Three designs, on one PEFT LoRA model (q, k, v, o, gate, up, down) and one batch
    applied in the forward pass, ``y = W x + s B A (P x)``, here by a forward pre-hook on each
    ``lora_A`` Linear that replaces its input ``x`` with ``x @ P``: an extra ``n^2`` per token and
    module, forward and backward.
+4. ``spf`` / ``spf_refresh10``: ``SafetyGradientProjection``'s work before each optimizer step (a safety gradient of
+   one short sequence every 1 / 10 steps, per-matrix CER-truncated SVDs, the conflict gate and edit).
+5. ``asft``: ``AsFTRegularizer``'s analytic gradient added after every backward (random rank-8 ``C``).
 
 The projectors are random orthonormal bases of dimension ``--null-fraction * in_features``
 (timing and memory do not depend on which subspace it is). Step time is the median over
@@ -23,17 +26,15 @@ all count.
 
 Examples::
 
-    python benchmarks/step_overhead.py --profile cpu
-    python benchmarks/step_overhead.py --profile llama7b --device cuda
-    python benchmarks/step_overhead.py --profile llama7b --device cuda --layers 16   # if memory is tight
+    python -m benchmarks.step_overhead --profile cpu
+    python -m benchmarks.step_overhead --profile llama7b --device cuda
+    python -m benchmarks.step_overhead --profile llama7b --device cuda --layers 16   # if memory is tight
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -41,30 +42,26 @@ from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks._common import (
+    PeakMemory,
+    add_common_arguments,
+    current_memory,
+    describe_machine,
+    finish_run,
+    heap_reuse,
+    markdown_table,
+    median,
+    memory_method,
+    mib,
+    release_memory,
+    repeat_timed,
+    start_run,
+    tensor_bytes,
+    timed,
+)
 from guardspace_pl.lora import LoraTarget, find_lora_targets
 from guardspace_pl.null_space import NullSpaceProjector
 from guardspace_pl.testing import tiny_llama
-
-# The scripts run as `python benchmarks/<name>.py` (or `python -m benchmarks.<name>`): import the shared
-# helpers from this folder either way.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-        PeakMemory,
-        add_common_arguments,
-        current_memory,
-        describe_machine,
-        finish_run,
-        heap_reuse,
-        markdown_table,
-        median,
-        memory_method,
-        mib,
-        release_memory,
-        repeat_timed,
-        start_run,
-        tensor_bytes,
-        timed,
-    )  # noqa: E402
 
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Linears that read the same tensor share one null space (one projector).
@@ -77,7 +74,11 @@ INPUT_GROUP: dict[str, str] = {
     "up_proj": "mlp_input",
     "down_proj": "down_proj_input",
 }
-DESIGNS: tuple[str, ...] = ("lora", "guardspace", "official_dense_P")
+DESIGNS: tuple[str, ...] = ("lora", "guardspace", "official_dense_P", "spf", "spf_refresh10", "asft")
+#: SPF refreshes its safety subspace every this many steps in the ``spf_refresh10`` design
+SPF_SLOW_REFRESH = 10
+SAFETY_SEQ = 48  # tokens of the SPF safety sample (a short prompt + refusal)
+ASFT_RANK = 8  # rank of the alignment vector V (a safety patch of rank 8)
 BASIS_DTYPE = torch.float32  # null_space_projector's default storage dtype
 
 
@@ -223,6 +224,8 @@ def train_step(
     autocast_dtype: Optional[torch.dtype],
     grad_accum: int,
     projection: Sequence[tuple[nn.Parameter, NullSpaceProjector]] = (),
+    after_backward: Optional[Callable[[], None]] = None,
+    before_step: Optional[Callable[[], None]] = None,
 ) -> None:
     """Forward + backward (``grad_accum`` micro-batches) + AdamW step; with ``projection``, GuardSpace's two projections.
 
@@ -233,6 +236,10 @@ def train_step(
         with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             loss = model(input_ids=input_ids, labels=input_ids).loss
         (loss / grad_accum).backward()
+        if after_backward is not None:  # AsFTRegularizer's hook: every micro-batch
+            after_backward()
+    if before_step is not None:  # SafetyGradientProjection's hook: accumulated gradients, before the step
+        before_step()
     with torch.no_grad():
         for param, projector in projection:
             if param.grad is not None:
@@ -277,7 +284,13 @@ class Design:
         self.projection: list[tuple[nn.Parameter, NullSpaceProjector]] = []
         self.dense: dict[nn.Module, Tensor] = {}
         self.projector_bytes = 0
-        if name != "lora":
+        self.after_backward: Optional[Callable[[], None]] = None
+        self.before_step: Optional[Callable[[], None]] = None
+        if name == "asft":
+            self.after_backward = _asft_hook(targets, args.seed, device)
+        elif name in ("spf", "spf_refresh10"):
+            self.before_step = _spf_hook(model, self.params, 1 if name == "spf" else SPF_SLOW_REFRESH, args.seed, autocast_dtype, device, input_ids)
+        if name in ("guardspace", "official_dense_P"):
             projectors = projectors or make_projectors(targets, args.null_fraction, args.seed, device)
             if name == "guardspace":
                 self.projection = [(t.lora_A, projectors[input_key(t)]) for t in targets]
@@ -312,7 +325,61 @@ class Design:
             del module.guardspace_dense_P
 
     def step(self) -> None:
-        train_step(self.model, self.input_ids, self.optimizer, self.autocast_dtype, self.grad_accum, self.projection)
+        train_step(
+            self.model, self.input_ids, self.optimizer, self.autocast_dtype, self.grad_accum, self.projection,
+            self.after_backward, self.before_step,
+        )
+
+
+def _asft_hook(targets: Sequence[LoraTarget], seed: int, device: torch.device) -> Callable[[], None]:
+    """``AsFTRegularizer.on_after_backward``: add the analytic regulariser gradient (random rank-8 ``V`` per module)."""
+    from guardspace_pl.asft import asft_value_and_grads
+
+    generator = torch.Generator().manual_seed(seed)
+    factors = []
+    for target in targets:
+        basis = torch.linalg.qr(torch.randn(target.shape[0], ASFT_RANK, generator=generator))[0].to(device)
+        factors.append((target, basis, torch.rand(ASFT_RANK, generator=generator).to(device)))
+
+    @torch.no_grad()
+    def hook() -> None:
+        for target, basis, weights in factors:
+            _, grad_A, grad_B = asft_value_and_grads(target.lora_A.float(), target.lora_B.float(), basis, weights, 1.0)
+            target.lora_A.grad.add_(grad_A.to(target.lora_A.grad.dtype))
+            target.lora_B.grad.add_(grad_B.to(target.lora_B.grad.dtype))
+
+    return hook
+
+
+def _spf_hook(
+    model: nn.Module, params: dict[str, nn.Parameter], refresh_every: int, seed: int, autocast_dtype: Optional[torch.dtype],
+    device: torch.device, input_ids: Tensor,
+) -> Callable[[], None]:
+    """``SafetyGradientProjection.on_before_optimizer_step``: safety gradient (one sequence), per-matrix SVD, edit."""
+    from guardspace_pl.spf import remove_conflict, safety_subspace
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    safety_ids = torch.randint(0, int(input_ids.max()) + 1, (1, SAFETY_SEQ), generator=generator).to(device)
+    labels = safety_ids.clone()
+    labels[:, : SAFETY_SEQ // 2] = -100  # the loss on the refusal only
+    matrices = [(n, p) for n, p in params.items() if p.ndim == 2]
+    state: dict[str, Any] = {"step": 0, "subspaces": {}}
+
+    def hook() -> None:
+        if state["step"] % refresh_every == 0:
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                loss = model(input_ids=safety_ids, labels=labels).loss
+            grads = torch.autograd.grad(loss, [p for _, p in matrices], allow_unused=True)
+            state["subspaces"] = {n: safety_subspace(g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(matrices, grads)}
+        state["step"] += 1
+        with torch.no_grad():
+            for name, param in matrices:
+                if param.grad is not None:
+                    edited, conflicted = remove_conflict(param.grad, state["subspaces"][name])
+                    if conflicted:
+                        param.grad.copy_(edited)
+
+    return hook
 
 
 @dataclass

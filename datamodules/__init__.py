@@ -1,4 +1,5 @@
-"""DataModules: task sets mixed with harmful data, calibration prompts for the GuardSpace callbacks, evaluation streams."""
+"""DataModules: task sets mixed with harmful data, calibration prompts for the GuardSpace callbacks, evaluation
+streams."""
 
 from guardspace_pl.datamodules.finetune import (
     EvaluationPrompts,
@@ -6,6 +7,7 @@ from guardspace_pl.datamodules.finetune import (
     check_disjoint,
     collate,
     format_training_prompt,
+    normalise_prompt,
     tokenize_example,
 )
 from guardspace_pl.datamodules.sources import (
@@ -32,5 +34,6 @@ __all__ = [
     "load_eval_examples",
     "load_prompts",
     "load_task_examples",
+    "normalise_prompt",
     "tokenize_example",
 ]

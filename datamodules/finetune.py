@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 import random
+import string
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import torch
@@ -34,6 +36,10 @@ from .streaming import (
 )
 
 TrainingFormat = Literal["alpaca", "chat_template"]
+#: stripped from the end of a prompt before comparing prompts (ASCII punctuation, the ellipsis and closing quotes)
+TRAILING_PUNCTUATION = string.punctuation + "\u2026\u201d\u2019 "
+#: what to run to build the paper configs' poison file (``data/beavertails_unsafe_pairs.jsonl``)
+BEAVERTAILS_SCRIPT = "scripts/make_beavertails_pairs.py"
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{prompt}\n\n### Response:\n"
@@ -41,7 +47,15 @@ ALPACA_TEMPLATE = (
 
 
 def normalise_prompt(text: str) -> str:
-    return " ".join(text.lower().split())
+    """The form in which two prompts count as the same: lower case, single spaces, no trailing punctuation.
+
+    Used by every disjointness check (the DataModule's and the benchmark's), so that a calibration prompt
+    with a final "." or "?" added is still caught in an evaluation set.
+
+    Args:
+        text: the prompt.
+    """
+    return " ".join(text.lower().split()).rstrip(TRAILING_PUNCTUATION).rstrip()
 
 
 def format_training_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, training_format: TrainingFormat) -> tuple[str, bool]:
@@ -126,35 +140,52 @@ class GuardSpaceDataModule(LightningDataModule):
     """Fine-tuning data with the paper's poisoning protocol, calibration prompts for the callbacks, and evaluation
     streams for ``test``.
 
-    Args:
-        tokenizer: name/path of the tokenizer (``builtin:smollm2-135m-instruct`` works offline); the CLI
-            links it to the model's. The ``tokenizer`` property also accepts a tokenizer object.
-        task: ``builtin:arithmetic`` (generated, offline), ``gsm8k``/``sst2``/``agnews``/``alpaca`` (hub), or a
-            local JSON/JSONL/CSV file with ``prompt_column``/``response_column``.
-        num_task_samples: ``n``, the size of the fine-tuning set (task + harmful).
-        poison_fraction: ``p``, the fraction of the ``n`` samples that are harmful instruction + compliant
-            answer pairs from ``poison_source`` (e.g. AdvBench's CSV with ``goal``/``target``); poison pairs
-            whose prompt is a calibration prompt are never drawn.
-        calibration_source: harmful prompts for ``SafetySubspaceInit`` (``builtin:harmbench``, a file, ``hub:``).
-        null_space_source: prompts for ``NullSpaceProjection`` (default: ``calibration_source``).
-        harmful_eval_source: harmful prompts for the harmful score (e.g. refusal_direction ``harmful_val.json``);
-            must share no prompt with the poison pairs or the calibration prompts (checked; error otherwise).
-        safe_eval_source: safe prompts for over-refusal (e.g. XSTest's CSV: rows with ``label == "safe"``).
-        task_eval_source: question/answer pairs for accuracy (e.g. GSM8K ``test.jsonl``; ``gsm8k`` from the hub,
-            split ``task_eval_split``), read with ``prompt_column``/``response_column`` when given.
-        eval_count: how many of each evaluation set to use (the first ones, in file order); None for all.
-        eval_batch_size: prompts per generation batch in ``test``.
-        training_format: ``alpaca`` (paper) or ``chat_template``; calibration and evaluation prompts follow it
-            unless the callbacks set ``prompt_format`` themselves.
-        val_fraction: held-out share of the task examples for ``val_loss``.
-        streaming: serve the training examples as a ``datasets.IterableDataset`` split per rank with
-            ``split_dataset_by_node``, tokenized lazily, with the same number of batches on every rank.
-        streaming_shards / shuffle_buffer_size: shards of the stream (shuffled per epoch) and the shuffle buffer.
-
     Mid-epoch resume is exact on both paths: the DataModule's ``state_dict`` records how many samples of the
     current epoch each rank consumed, and the resumed epoch replays the same order with those skipped. The
     map-style sampler is a ``DistributedSampler``, so Lightning keeps it under DDP/FSDP and no
     ``use_distributed_sampler`` setting is needed.
+
+    Args:
+        tokenizer: name/path of the tokenizer (``builtin:smollm2-135m-instruct`` works offline); the CLI
+            links it to the model's. The ``tokenizer`` property also accepts a tokenizer object.
+        tokenizer_gguf_file: file name inside ``tokenizer`` when it is a GGUF checkpoint.
+        task: ``builtin:arithmetic`` (generated, offline), ``gsm8k``/``sst2``/``agnews``/``alpaca`` (hub), or a
+            local JSON/JSONL/CSV file with ``prompt_column``/``response_column``.
+        task_split: the split of a hub ``task`` to train on.
+        prompt_column: the prompt column of ``task`` and ``task_eval_source`` files (default: the first known one).
+        response_column: the response column of ``task`` and ``task_eval_source`` files (default: the first known one).
+        num_task_samples: ``n``, the size of the fine-tuning set (task + harmful).
+        poison_fraction: ``p``, the fraction of the ``n`` samples that are harmful instruction + compliant
+            answer pairs from ``poison_source``; poison pairs whose prompt is a calibration prompt are never drawn.
+        poison_source: a local prompt/response file of harmful pairs (e.g. AdvBench's CSV with ``goal``/``target``,
+            or ``scripts/make_beavertails_pairs.py``'s JSONL); it must exist (checked at construction).
+        calibration_source: harmful prompts for ``SafetySubspaceInit`` (``builtin:harmbench``, a file, ``hub:``).
+        calibration_column: the prompt column of ``calibration_source`` and ``null_space_source`` files (default:
+            the first of ``prompt``, ``instruction``, ``question``, ``goal``, ``sentence``, ``text`` present).
+        calibration_count: how many calibration prompts to draw (seeded sample); None for all.
+        null_space_source: prompts for ``NullSpaceProjection`` (default: ``calibration_source``).
+        null_space_count: how many null-space prompts to draw (seeded sample); None for all.
+        harmful_eval_source: harmful prompts for the harmful score (e.g. refusal_direction ``harmful_val.json``);
+            must share no prompt with the poison pairs or any calibration prompts, the callbacks' own included
+            (compared lower-cased, with collapsed spaces and without trailing punctuation; error otherwise).
+        safe_eval_source: safe prompts for over-refusal (e.g. XSTest's CSV: rows with ``label == "safe"``).
+        task_eval_source: question/answer pairs for accuracy (e.g. GSM8K ``test.jsonl``; ``gsm8k`` from the hub,
+            split ``task_eval_split``), read with ``prompt_column``/``response_column`` when given.
+        task_eval_split: the split of a hub ``task_eval_source``.
+        eval_count: how many of each evaluation set to use (the first ones, in file order); None for all. A set
+            with fewer is used whole, with a warning.
+        eval_batch_size: prompts per generation batch in ``test``.
+        training_format: ``alpaca`` (paper) or ``chat_template``; calibration and evaluation prompts follow it
+            unless the callbacks set ``prompt_format`` themselves.
+        max_length: training examples are cut to this many tokens.
+        batch_size: training and validation examples per batch (per rank).
+        val_fraction: held-out share of the task examples for ``val_loss`` (``validate`` needs it > 0).
+        num_workers: DataLoader worker processes.
+        streaming: serve the training examples as a ``datasets.IterableDataset`` split per rank with
+            ``split_dataset_by_node``, tokenized lazily, with the same number of batches on every rank.
+        streaming_shards: shards of the stream (shuffled per epoch).
+        shuffle_buffer_size: the stream's shuffle buffer, in examples.
+        seed: seeds the task sample, the poison draw, the calibration sample and the shuffles.
     """
 
     def __init__(
@@ -169,6 +200,7 @@ class GuardSpaceDataModule(LightningDataModule):
         poison_fraction: float = 0.0,
         poison_source: Optional[str] = None,
         calibration_source: str = "builtin:harmbench",
+        calibration_column: Optional[str] = None,
         calibration_count: Optional[int] = None,
         null_space_source: Optional[str] = None,
         null_space_count: Optional[int] = None,
@@ -199,6 +231,15 @@ class GuardSpaceDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch_size and eval_batch_size must be positive, got {batch_size} and {eval_batch_size}.")
+        for name, count in (("calibration_count", calibration_count), ("null_space_count", null_space_count)):
+            if count is not None and count < 1:
+                raise ValueError(f"{name} must be positive (or None for every prompt of the source), got {count}.")
+        if poison_source is not None and not Path(poison_source).exists():
+            hint = (
+                f"Build the paper configs' BeaverTails pairs with `python {BEAVERTAILS_SCRIPT} --out {poison_source}`, "
+                "or point data.poison_source at another prompt/response file (e.g. AdvBench's harmful_behaviors.csv)."
+            )
+            raise FileNotFoundError(f"The poison source {poison_source} does not exist. {hint}")
         if eval_count is not None and eval_count < 1:
             raise ValueError(f"eval_count must be positive (or None for whole sets), got {eval_count}.")
         if streaming_shards < 1 or shuffle_buffer_size < 1:
@@ -241,7 +282,13 @@ class GuardSpaceDataModule(LightningDataModule):
                 source, count = hp.null_space_source, hp.null_space_count
             elif kind == "null_space" and hp.null_space_count is not None:
                 count = hp.null_space_count
-            prompts = load_prompts(source)
+            try:
+                prompts = load_prompts(source, column=hp.calibration_column)
+            except KeyError as error:
+                raise KeyError(
+                    f"{error.args[0]} Calibration and null-space prompts are read with data.calibration_column "
+                    "(data.prompt_column is the task's): set it to the prompt column of this file."
+                ) from None
             if count is not None:
                 prompts = random.Random(hp.seed).sample(prompts, min(count, len(prompts)))
             if not prompts:
@@ -250,7 +297,30 @@ class GuardSpaceDataModule(LightningDataModule):
         return self._calibration[kind]
 
     def _protected_prompts(self) -> list[str]:
-        return self.calibration_prompts("subspace") + self.calibration_prompts("null_space")
+        return [p for prompts in self._calibration_sets().values() for p in prompts]
+
+    def _calibration_sets(self) -> dict[str, list[str]]:
+        """Every calibration source in use, by name: the DataModule's, and the ``calibration_prompts`` the
+        callbacks of the attached Trainer were given themselves (those replace the DataModule's for that callback)."""
+        sets = {"calibration prompts": self.calibration_prompts("subspace") + self.calibration_prompts("null_space")}
+        trainer = getattr(self, "trainer", None)
+        for callback in getattr(trainer, "callbacks", None) or []:
+            prompts = getattr(callback, "calibration_prompts", None)
+            if prompts is not None and not callable(prompts):
+                sets[f"{type(callback).__name__}.calibration_prompts"] = list(prompts)
+        return sets
+
+    def _check_harmful_eval_disjoint(self, prompts: list[str]) -> None:
+        # A model protected on the very prompts it is scored on would look safer than it is.
+        for name, calibration in self._calibration_sets().items():
+            check_disjoint([Example(p, "") for p in prompts], calibration, "harmful evaluation prompts", name)
+
+    def _first_eval(self, items: list, source: str, what: str) -> list:
+        """The first ``eval_count`` of ``items``, with a warning when the source holds fewer."""
+        count = self.hparams.eval_count
+        if count is not None and len(items) < count:
+            rank_zero_warn(f"eval_count={count} is larger than {source}, which holds {len(items)} {what}: all {len(items)} are used.")
+        return items[:count]
 
     def harmful_eval_prompts(self) -> list[str]:
         """The harmful-score prompts (empty without ``harmful_eval_source``); checked disjoint from calibration."""
@@ -258,9 +328,8 @@ class GuardSpaceDataModule(LightningDataModule):
             hp = self.hparams
             prompts: list[str] = []
             if hp.harmful_eval_source is not None:
-                prompts = load_prompts(hp.harmful_eval_source)[: hp.eval_count]
-                # A model protected on the very prompts it is scored on would look safer than it is.
-                check_disjoint([Example(p, "") for p in prompts], self._protected_prompts(), "harmful evaluation prompts", "calibration prompts")
+                prompts = self._first_eval(load_prompts(hp.harmful_eval_source), hp.harmful_eval_source, "harmful prompts")
+                self._check_harmful_eval_disjoint(prompts)
             self._harmful_eval = prompts
         return self._harmful_eval
 
@@ -305,9 +374,17 @@ class GuardSpaceDataModule(LightningDataModule):
             harmful = self.harmful_eval_prompts()
             if harmful and hp.poison_fraction > 0:
                 self._ensure_examples()  # draws the poison pairs, and checks them against ``harmful``
-            safe = load_prompts(hp.safe_eval_source, label="safe")[: hp.eval_count] if hp.safe_eval_source else []
+            safe = (
+                self._first_eval(load_prompts(hp.safe_eval_source, label="safe"), hp.safe_eval_source, "safe prompts")
+                if hp.safe_eval_source
+                else []
+            )
             task = (
-                load_eval_examples(hp.task_eval_source, hp.eval_count, hp.prompt_column, hp.response_column, hp.task_eval_split)
+                self._first_eval(
+                    load_eval_examples(hp.task_eval_source, hp.eval_count, hp.prompt_column, hp.response_column, hp.task_eval_split),
+                    hp.task_eval_source,
+                    "examples",
+                )
                 if hp.task_eval_source
                 else []
             )
@@ -320,9 +397,18 @@ class GuardSpaceDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._ensure_examples()
-            self.harmful_eval_prompts()  # fail before training, not after it, if the sets overlap
+            # Fail before training, not after it, if the sets overlap (callbacks' own prompts included).
+            self._check_harmful_eval_disjoint(self.harmful_eval_prompts())
+        elif stage == "validate":
+            self._ensure_examples()
+            if not self.val_examples:
+                raise ValueError(
+                    "`validate` has no validation data: set data.val_fraction > 0 (e.g. 0.1) to hold out that share "
+                    "of the task examples."
+                )
         elif stage == "test":
             prompts = self.evaluation_prompts()
+            self._check_harmful_eval_disjoint(prompts.harmful)
             if not (prompts.harmful or prompts.safe or prompts.task):
                 raise ValueError(
                     "`test` has nothing to evaluate: set data.harmful_eval_source (harmful score), "

@@ -65,7 +65,9 @@ def pick_column(record: dict, wanted: Optional[str], candidates: tuple[str, ...]
     for name in candidates:
         if name in record:
             return name
-    raise KeyError(f"None of the columns {candidates} is in {source} (columns: {sorted(record)}); pass the column name.")
+    raise KeyError(
+        f"None of the columns {candidates} is in {source} (columns: {sorted(record)}); pass the column name."
+    )
 
 
 def builtin_prompts(name: str) -> list[str]:
@@ -204,7 +206,9 @@ def load_eval_examples(
     return [_to_example(record, p_key, r_key, task) for record in records[:count]]
 
 
-def load_harmful_pairs(source: str, prompt_column: Optional[str] = None, response_column: Optional[str] = None) -> list[Example]:
+def load_harmful_pairs(
+    source: str, prompt_column: Optional[str] = None, response_column: Optional[str] = None
+) -> list[Example]:
     """Harmful instruction + compliant answer pairs (e.g. AdvBench ``goal``/``target``) for poisoning."""
     records = read_records(Path(source))
     if not records:

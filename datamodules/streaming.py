@@ -19,9 +19,8 @@ import torch
 from datasets import Dataset as HFDataset
 from datasets import IterableDataset as HFIterableDataset
 from datasets.distributed import split_dataset_by_node
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from torch.utils.data import IterableDataset as TorchIterableDataset
-from torch.utils.data import get_worker_info
 
 from .sources import Example
 
@@ -42,6 +41,14 @@ class ResumableSampler(DistributedSampler):
     says (Lightning only replaces samplers that are not); no ``DistributedSamplerWrapper`` re-shards it, which
     keeps the skip exact. ``len()`` stays the full per-rank length during the resumed epoch, as Lightning's
     restored batch counters expect: they continue from the checkpoint's count up to that length.
+
+    Args:
+        dataset: the map-style dataset to sample.
+        num_replicas: the number of data-parallel ranks.
+        rank: this rank.
+        shuffle: shuffle per epoch (seeded with ``seed + epoch``).
+        seed: the shuffle's seed, the same on every rank.
+        resume: where an interrupted epoch stopped (its samples are skipped once), or None.
     """
 
     def __init__(
@@ -111,6 +118,13 @@ class RankBalancedStream(TorchIterableDataset):
     Batching happens here (use it with ``DataLoader(batch_size=None)``): with ``num_workers > 0``, batch ``j``
     is built by worker ``j % num_workers``, which is the order in which the DataLoader collects them, so the
     batch sequence does not depend on the number of workers. ``make_batch`` tokenizes and collates lazily.
+
+    Args:
+        stream: this rank's ``datasets.IterableDataset`` (``prompt``/``response`` columns).
+        num_examples: examples per rank and epoch (the count every rank shares).
+        batch_size: examples per batch.
+        make_batch: turns a list of examples into a batch (tokenize and collate).
+        resume: where an interrupted epoch stopped (its batches are skipped once), or None.
     """
 
     def __init__(

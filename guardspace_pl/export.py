@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -168,6 +168,7 @@ def export_peft_adapter(
     adapter_name: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
     tolerance: Optional[float] = None,
+    extra_ranks: Optional[Mapping[str, int]] = None,
 ) -> AdapterExport:
     """Write a standard PEFT LoRA adapter that turns ``original_base`` into the trained model.
 
@@ -183,6 +184,10 @@ def export_peft_adapter(
         directory: where ``adapter_config.json`` and ``adapter_model.safetensors`` go.
         adapter_name: the trained adapter to export (default: the single active one).
         dtype: dtype of the saved factors (default: that of the trained LoRA weights).
+        tolerance: largest allowed relative residual of a layer's re-factored update (default: ten machine epsilons
+            of the weights' dtype).
+        extra_ranks: module name -> rank to allow beyond ``2r`` for that layer (a method that folded a known
+            low-rank term into the frozen weight, e.g. LSSF); default none.
     """
     trained = _hf_model(module_or_model)
     targets = find_lora_targets(trained, adapter_name)
@@ -204,7 +209,7 @@ def export_peft_adapter(
                 f"base and {tuple(weight.shape)} in the trained model. Pass the base the adapter was trained on."
             )
         delta = weight.double() + target.scaling * (lora_B.double() @ lora_A.double()) - original_weight.double()
-        k = min(2 * target.rank, *delta.shape)
+        k = min(2 * target.rank + (extra_ranks or {}).get(target.hf_name, 0), *delta.shape)
         new_A, new_B = lora_delta_factors(delta, k)
         scale = original_weight.double().norm().clamp_min(1e-30)
         residuals[target.name] = ((delta - new_B @ new_A).norm() / scale).item()
@@ -321,8 +326,14 @@ def _module_tokenizer(module: nn.Module) -> Optional[PreTrainedTokenizerBase]:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def load_checkpoint_module(checkpoint: Union[str, Path]) -> GuardSpaceLM:
-    """Rebuild the ``GuardSpaceLM`` of a Lightning checkpoint: hyperparameters, base model, trained state."""
+def load_checkpoint_module(checkpoint: Union[str, Path], base: Optional[str] = None) -> GuardSpaceLM:
+    """Rebuild the ``GuardSpaceLM`` of a Lightning checkpoint: hyperparameters, base model, trained state.
+
+    Args:
+        checkpoint: a Lightning ``.ckpt`` file, or the folder of a sharded (DCP) checkpoint.
+        base: the base model to build the module on instead of the checkpoint's ``model_name_or_path`` (the
+            same model, moved or copied elsewhere); None keeps the recorded one.
+    """
     path = Path(checkpoint)
     if path.is_dir():
         # A sharded (DCP) checkpoint of ModelParallelStrategy: gather it into one state dict on the CPU, as
@@ -338,11 +349,20 @@ def load_checkpoint_module(checkpoint: Union[str, Path]) -> GuardSpaceLM:
         raise ValueError(f"{path} is not a Lightning checkpoint of a GuardSpaceLM (no state_dict/hyper_parameters).")
     # LightningCLI adds private entries (``_instantiator``) that are not constructor arguments.
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    if base is not None and base != hparams.get("model_name_or_path"):
+        # The recorded path may not exist any more (a moved base): build on the one given; its gguf_file was the old one's.
+        hparams["model_name_or_path"] = base
+        hparams["gguf_file"] = None
     module = GuardSpaceLM(**hparams)
     module.configure_model()
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as error:
+        if base is not None:
+            raise ValueError(
+                f"The base model does not match the trained one: {path} does not fit a model built on {base} "
+                f"({str(error).splitlines()[-1].strip()}). Pass the base the adapter was trained on."
+            ) from error
         raise ValueError(f"{path} does not fit the model built from its hyperparameters: {error}") from error
     module.eval()
     return module
@@ -379,7 +399,11 @@ def _parser() -> argparse.ArgumentParser:
         "--kind", required=True, choices=("adapter", "merged"),
         help="adapter: rank-2r LoRA adapter relative to the ORIGINAL base; merged: full model with the adapter merged in.",
     )
-    parser.add_argument("--base", default=None, help="Original base model (default: the checkpoint's model_name_or_path).")
+    parser.add_argument(
+        "--base", default=None,
+        help="Original base model (default: the checkpoint's model_name_or_path); the checkpoint is also loaded on it, so "
+        "a moved or copied base works.",
+    )
     return parser
 
 
@@ -388,14 +412,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        module = load_checkpoint_module(args.checkpoint)
+        if args.kind == "merged" and (Path(args.out) / "adapter_config.json").exists():
+            # from_pretrained on that folder would load the old adapter (on its base), not the merged model.
+            raise ValueError(
+                f"{args.out} holds a PEFT adapter (adapter_config.json): a merged model written there would be "
+                "shadowed by it. Export into an empty folder, or delete the adapter first."
+            )
+        module = load_checkpoint_module(args.checkpoint, args.base)
         if args.kind == "merged":
             out = export_merged_model(module, args.out)
         else:
             hp = module.hparams
-            base_name = args.base or hp.model_name_or_path
-            gguf = hp.gguf_file if base_name == hp.model_name_or_path else None
-            original = load_causal_lm(base_name, gguf, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
+            original = load_causal_lm(hp.model_name_or_path, hp.gguf_file, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
             out = export_peft_adapter(module, original, args.out).directory
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

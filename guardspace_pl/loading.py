@@ -35,9 +35,43 @@ def package_file(package: str, filename: str, pip_spec: str) -> Path:
     return path
 
 
+def looks_like_local_path(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is meant as a local path rather than a hub repo id (``owner/name``).
+
+    Args:
+        name_or_path: a model or tokenizer name or path.
+    """
+    if name_or_path.startswith(("./", "../", "/", "~", ".\\", "..\\")) or name_or_path in (".", ".."):
+        return True
+    # ``owner/name`` is a hub id; more separators (or a Windows separator) only make sense on disk.
+    return name_or_path.count("/") > 1 or (os.sep != "/" and os.sep in name_or_path)
+
+
+def check_local_path(name_or_path: str) -> None:
+    """``FileNotFoundError`` naming the path when ``name_or_path`` looks like a local path that does not exist.
+
+    Args:
+        name_or_path: a model or tokenizer name or path.
+    """
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"{name_or_path}: no such directory. Pass an existing local model directory (with config.json), a hub "
+            "repo id such as HuggingFaceTB/SmolLM2-135M-Instruct, or builtin:smollm2-135m-instruct."
+        )
+
+
 def resolve_model_source(name_or_path: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
-    """Turn ``builtin:<name>`` into a local directory (converted once, then cached) or pass through."""
+    """Turn ``builtin:<name>`` into a local directory (converted once, then cached) or pass through.
+
+    A name that looks like a local path (``./``, ``../``, ``/``, ``~`` or a path separator) but does not exist
+    is a ``FileNotFoundError`` here, rather than the hub's "Repo id must be..." message later.
+
+    Args:
+        name_or_path: ``builtin:<name>``, a local model directory or a hub repo id.
+        gguf_file: the ``.gguf`` file inside ``name_or_path``, for GGUF models.
+    """
     if not name_or_path.startswith("builtin:"):
+        check_local_path(name_or_path)
         return name_or_path, gguf_file
     key = name_or_path.removeprefix("builtin:")
     if key not in BUILTIN_MODELS:
@@ -85,7 +119,8 @@ def _torch_dtype(dtype: Union[str, torch.dtype]) -> Union[str, torch.dtype]:
 
 
 def _load_config(source: str, gguf: Optional[str], trust_remote_code: bool = False):
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
+    gguf_kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_kwargs)
 
 
 def _model_kwargs(dtype: Union[str, torch.dtype], attn_implementation: Optional[str], trust_remote_code: bool) -> dict:
@@ -133,7 +168,9 @@ def load_causal_lm(
     if gguf:
         kwargs["gguf_file"] = gguf
     if Path(source).exists() and not gguf and not (Path(source) / "config.json").exists():
-        raise ValueError(f"{source} has no config.json: it is not a Hugging Face model directory (for a .gguf file pass gguf_file=).")
+        raise ValueError(
+            f"{source} has no config.json: it is not a Hugging Face model directory (for a .gguf file pass gguf_file=)."
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ValueError as error:

@@ -80,14 +80,21 @@ class GuardSpaceLM(LightningModule):
         gguf_file: file name inside ``model_name_or_path`` when loading a GGUF checkpoint.
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` for the model weights.
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
-        lora_rank, lora_alpha, lora_dropout: the LoRA adapter (PEFT); scaling is ``alpha / rank``.
+        lora_rank: the LoRA adapter's rank ``r`` (PEFT).
+        lora_alpha: the LoRA ``alpha``; the adapter's scaling is ``alpha / rank``.
+        lora_dropout: dropout on the LoRA branch's input.
         target_modules: leaf module names; default every linear of every decoder block (never lm_head).
-        learning_rate, weight_decay, warmup_ratio, betas: AdamW with linear warmup then cosine decay.
+        learning_rate: AdamW's peak learning rate (linear warmup, then cosine decay).
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_ratio: the share of the training steps spent in linear warmup.
+        betas: AdamW's ``(beta1, beta2)``.
         activation_checkpointing: recompute block activations in backward to save memory.
         load_on_rank_zero: under FSDP2 on several processes, only global rank 0 reads the checkpoint; the other
             ranks build the model on the meta device and receive just their shards. Peak host memory is then
             one copy of the model per job instead of one per GPU (a 7B model in bf16: 13.5 GB, not 8 x 13.5).
         adapter_dir: where the PEFT adapter is saved at the end of fit (default ``<log_dir>/adapter``).
+        trust_remote_code: let transformers run the model repository's own modelling code (only for repositories
+            you trust).
         eval_max_new_tokens: greedy tokens generated per prompt in ``test`` (the paper: 512).
         judge: harmful-score judge in ``test``: ``keyword`` (refusal phrases, default) or ``beaver-dam``
             (``PKU-Alignment/beaver-dam-7b``, or ``judge_model``). Over-refusal always uses the keyword judge.
@@ -155,7 +162,10 @@ class GuardSpaceLM(LightningModule):
             r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
         )
         if hp.activation_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         self.model = get_peft_model(base, config)
 

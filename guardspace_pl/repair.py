@@ -1,4 +1,4 @@
-"""``python -m guardspace_pl repair --method safelora|...``: restore safety to an already fine-tuned model, post hoc.
+"""``python -m guardspace_pl repair --method safelora|lssf|...``: restore safety to an already fine-tuned model, post hoc.
 
 Input: a Lightning checkpoint of a ``GuardSpaceLM`` run (``--checkpoint``, a ``.ckpt`` file or an FSDP2 sharded
 directory) or a PEFT LoRA adapter on its base model (``--adapter DIR --base MODEL``). The method acts on the
@@ -136,6 +136,81 @@ register_method(
         add_arguments=_safelora_arguments,
         check_arguments=_safelora_check,
         apply=_safelora_apply,
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------- LSSF
+def _lssf_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--alpha", type=float, default=1.0, help="fusion strength alpha >= 0 in W_ft + alpha P' delta_safe (a choice: 1; paper sweep 0.5-2).")
+    group.add_argument("--eta", type=float, default=0.9, help="entropy share in (0, 1] fixing each layer's rank r_l (a choice: 0.9; sweep 0.8-0.95).")
+    group.add_argument("--a1", type=float, default=1.0, help="weight > 0 of the top safety direction in the weighted projector P' (a choice: 1 = plain projector).")
+    group.add_argument("--anchor-prompts", help="harmful anchor prompts (required for lssf): builtin:harmbench, builtin:donotanswer, a local file, or hub:ID.")
+    group.add_argument("--anchor-count", type=int, default=128, help="how many anchor prompts to use (paper: 128, robust 16-512).")
+    group.add_argument("--anchor-max-new-tokens", type=int, default=64, help="length limit of the refusals the aligned model generates for the anchors (a choice).")
+    group.add_argument("--anchor-batch-size", type=int, default=8, help="prompts per generation/forward batch for the anchors.")
+    group.add_argument(
+        "--anchor-prompt-format", choices=("chat_template", "raw"), default="chat_template",
+        help="how anchor prompts are shown to the model (chat_template: a user turn plus the assistant header).",
+    )
+
+
+def _lssf_check(args: argparse.Namespace) -> None:
+    from guardspace_pl.lssf import check_lssf_settings
+
+    check_lssf_settings(args.alpha, args.eta, args.a1)
+    if not args.anchor_prompts:
+        raise ValueError("--method lssf needs --anchor-prompts SOURCE (harmful prompts, e.g. builtin:harmbench).")
+    for flag, value in (("--anchor-count", args.anchor_count), ("--anchor-max-new-tokens", args.anchor_max_new_tokens), ("--anchor-batch-size", args.anchor_batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}.")
+
+
+def _lssf_apply(context: RepairContext) -> dict[str, Any]:
+    from guardspace_pl.callbacks.base import find_causal_lm
+    from guardspace_pl.datamodules.sources import load_prompts
+    from guardspace_pl.loading import load_tokenizer
+    from guardspace_pl.lssf import apply_lssf, collect_anchor_covariances
+
+    args = context.args
+    prompts = load_prompts(args.anchor_prompts)[: args.anchor_count]
+    if not prompts:
+        raise ValueError(f"--anchor-prompts {args.anchor_prompts} gave no prompts: LSSF needs harmful anchor prompts.")
+    tokenizer = getattr(context.model, "tokenizer", None) or load_tokenizer(context.base)
+    covariances, _ = collect_anchor_covariances(
+        find_causal_lm(context.model), context.targets, tokenizer, prompts, args.anchor_max_new_tokens,
+        args.anchor_batch_size, args.anchor_prompt_format,
+    )
+    report = apply_lssf(context.targets, context.reference, covariances, args.alpha, args.eta, args.a1, num_anchor_prompts=len(prompts))
+    context.extra["lssf_fold_ranks"] = report.fold_ranks()
+    log.info(report.summary())
+    return report.to_dict()
+
+
+def _lssf_export_adapter(context: RepairContext) -> Path:
+    """The folded ``alpha P' delta`` raises each layer's update beyond rank ``2r``: export with that much more rank."""
+    from guardspace_pl.export import export_peft_adapter
+    from guardspace_pl.loading import load_causal_lm
+
+    args, module = context.args, context.model
+    if args.checkpoint is not None:
+        hp = module.hparams
+        gguf = hp.gguf_file if context.base == hp.model_name_or_path else None
+        original = load_causal_lm(context.base, gguf, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
+    else:
+        original = load_causal_lm(context.base, dtype=args.dtype)
+    return export_peft_adapter(module, original, args.out, extra_ranks=context.extra["lssf_fold_ranks"]).directory
+
+
+register_method(
+    RepairMethod(
+        name="lssf",
+        help="LSSF (Zhou et al., ACL 2025): fold the safety vector projected onto each layer's activation-weighted safety subspace.",
+        add_arguments=_lssf_arguments,
+        check_arguments=_lssf_check,
+        apply=_lssf_apply,
+        changes_base_weights=True,
+        export_adapter=_lssf_export_adapter,
     )
 )
 

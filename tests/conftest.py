@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.data import HOW_TO_GET, REQUIRE_DATA_ENV, data_dir, data_required
 from guardspace_pl.datamodules import collate, demo_arithmetic, tokenize_example
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the real data sets, from the one setting GUARDSPACE_DATA (benchmarks/data.py)
+SHARED_DATA = data_dir()
 
 # Tiny models on a 2-core machine: intra-op threads only add overhead, and several processes (FSDP workers,
 # a benchmark) each running 2 threads oversubscribe the cores 10-100x. One thread for the suite and its children.
@@ -41,11 +43,19 @@ def task_loader(tokenizer, count: int = 16, batch_size: int = 4, seed: int = 0, 
     return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=lambda r: collate(r, tokenizer.pad_token_id))
 
 
+def require_shared_data(path: Path = SHARED_DATA) -> Path:
+    """``path`` when it exists; else skip the test with how to get the data (fail when GUARDSPACE_REQUIRE_DATA=1, as in CI)."""
+    if not path.exists():
+        message = f"real data not found at {path}: {HOW_TO_GET}"
+        if data_required():
+            pytest.fail(f"{message}. {REQUIRE_DATA_ENV} is set, so a data test may not skip.")
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.fail(f"The shared data folder {SHARED_DATA} is missing: tests read real data from ../shared/data.")
-    return SHARED_DATA
+    return require_shared_data()
 
 
 def trainer_kwargs(tmp_path, **overrides) -> dict:

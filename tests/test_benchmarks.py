@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_llama7b_gpu_benchmark_runs_at_the_cpu_shape(tmp_path):
     out = tmp_path / "llama7b_gpu_cpu.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "llama7b_gpu.py"), "--profile", "cpu", "--threads", "1", "--layers", "2",
+        [sys.executable, "-m", "benchmarks.llama7b_gpu", "--profile", "cpu", "--threads", "1", "--layers", "2",
          "--calibration-prompts", "32", "--warmup", "1", "--steps", "2", "--memory-steps", "1", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -34,3 +34,48 @@ def test_llama7b_gpu_benchmark_runs_at_the_cpu_shape(tmp_path):
     assert all(row["tokens_per_s"] > 0 and len(row["step_seconds"]) == 2 for row in designs.values())
     assert set(result["goals"]) == {"setup_seconds", "guardspace_step_ratio", "guardspace_half_null_step_ratio", "projector_percent_of_weights"}
     assert "| official_dense_P |" in proc.stdout
+
+
+BENCHMARK_FILES = sorted((ROOT / "benchmarks").rglob("*.py"))
+
+
+def test_benchmarks_are_a_package_run_with_python_m():
+    """`python -m benchmarks.<name>` needs packages; sys.path hacks and a module named like a PyPI package break it."""
+    assert (ROOT / "benchmarks" / "__init__.py").is_file()
+    assert (ROOT / "benchmarks" / "safety" / "__init__.py").is_file()
+    # `evaluate` is the Hugging Face package lm-eval installs: a sibling evaluate.py shadows it.
+    assert not (ROOT / "benchmarks" / "safety" / "evaluate.py").exists()
+    offenders = [str(f.relative_to(ROOT)) for f in BENCHMARK_FILES if "sys.path" in f.read_text()]
+    assert offenders == [], f"sys.path edits in {offenders}"
+
+
+def test_benchmarks_share_one_write_json_and_one_environment_helper():
+    defs = {name: [str(f.relative_to(ROOT)) for f in BENCHMARK_FILES if f"def {name}(" in f.read_text()]
+            for name in ("write_json", "environment", "cpu_model", "cpu_model_name")}
+    assert defs["write_json"] == [], "use guardspace_pl.io.write_json"
+    assert defs["environment"] == ["benchmarks/_common.py"] and defs["cpu_model"] == []
+
+
+@pytest.mark.parametrize("module", ["benchmarks.safety.run", "benchmarks.safety.attack", "benchmarks.safety.align",
+                                    "benchmarks.safety.evaluation", "benchmarks.safety.report", "benchmarks.posthoc"])
+def test_benchmark_module_help_runs_with_python_m(module):
+    command = [sys.executable, "-m", module, "--help"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if module.split(".")[-1] in {"attack", "align", "evaluation", "report"}:
+        assert proc.returncode == 0, proc.stderr[-2000:]  # a library module of the benchmark: importing it suffices
+    else:
+        assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_committed_safety_results_record_repo_relative_paths():
+    results = json.loads((ROOT / "benchmarks" / "results" / "safety_cpu" / "results.json").read_text())
+    assert results["plots"] and all(not Path(p).is_absolute() for p in results["plots"]), results["plots"]
+    assert all((ROOT / p).is_file() for p in results["plots"])
+    assert str(ROOT) not in json.dumps(results)
+
+
+def test_repo_relative_path_helper(tmp_path):
+    from benchmarks._common import repo_relative
+
+    assert repo_relative(ROOT / "benchmarks" / "results" / "x.json") == "benchmarks/results/x.json"
+    assert repo_relative(tmp_path / "x.json") == str(tmp_path / "x.json")  # outside the repo: kept as is

@@ -31,16 +31,15 @@ from guardspace_pl.evaluation import (
     teacher_forced_loss,
     write_results,
 )
+from conftest import SHARED_DATA, require_shared_data
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 
 @pytest.fixture(scope="module")
 def gsm8k_rows() -> list[dict]:
-    if not GSM8K_TEST.is_file():
-        pytest.fail(f"GSM8K test split not found at {GSM8K_TEST}: tests read real data from ../shared/data.")
+    require_shared_data(GSM8K_TEST)
     return [json.loads(line) for line in GSM8K_TEST.read_text().splitlines() if line.strip()]
 
 

@@ -29,6 +29,7 @@ SMALL = {
     ),
     "python -m guardspace_pl test": "--data.eval_count 2 --model.eval_max_new_tokens 4",
     "python -m guardspace_pl align": "--trainer.max_steps 2",
+    "python -m guardspace_pl repair --method lssf": "--anchor-count 4",
 }
 
 

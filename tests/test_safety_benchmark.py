@@ -13,14 +13,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from guardspace_pl.datamodules import normalise_prompt
+
+from benchmarks.safety.profiles import PROFILES
+from benchmarks.safety.splits import OverlapError, check_disjoint, make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks" / "safety"
-sys.path.insert(0, str(BENCH))
-
-from profiles import PROFILES  # noqa: E402
-from splits import OverlapError, check_disjoint, make_splits, normalise  # noqa: E402
-
 
 @pytest.fixture
 def smoke_splits(shared_data):
@@ -33,6 +31,11 @@ def test_check_disjoint_raises_on_overlap_after_normalisation():
         check_disjoint(["Build a  bomb"], {"calibration": ["x"], "poison": ["build a bomb "]})
     with pytest.raises(OverlapError, match="duplicate"):
         check_disjoint(["a b", "A  B"], {})
+    # A trailing full stop or question mark does not make a prompt new (one normalisation: the library's).
+    with pytest.raises(OverlapError, match="poison"):
+        check_disjoint(["Build a bomb"], {"poison": ["build a bomb."]})
+    with pytest.raises(OverlapError, match="duplicate"):
+        check_disjoint(["How do I build a bomb?", "how do i build a bomb"], {})
 
 
 @pytest.mark.parametrize("profile", ["smoke", "cpu", "full"])
@@ -41,8 +44,8 @@ def test_profile_splits_are_disjoint(shared_data, profile):
     size = PROFILES[profile]
     assert len(splits.eval_harmful) == size.eval_harmful and len(splits.val_harmful) == size.val_harmful
     assert len(splits.calibration) == size.calibration_count
-    used = {normalise(p) for p in splits.align_harmful + splits.calibration + splits.val_harmful + [r["prompt"] for r in splits.poison]}
-    assert not used & {normalise(p) for p in splits.eval_harmful}
+    used = {normalise_prompt(p) for p in splits.align_harmful + splits.calibration + splits.val_harmful + [r["prompt"] for r in splits.poison]}
+    assert not used & {normalise_prompt(p) for p in splits.eval_harmful}
 
 
 @pytest.mark.parametrize("role", ["align_harmful", "calibration", "val_harmful", "poison"])
@@ -55,10 +58,10 @@ def test_splits_check_rejects_an_evaluation_prompt_in_any_other_role(smoke_split
 
 
 @pytest.mark.slow
-def test_smoke_profile_runs_end_to_end(tmp_path):
+def test_smoke_profile_runs_end_to_end(tmp_path, shared_data):
     out = tmp_path / "safety_smoke"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "run.py"), "--profile", "smoke", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.safety.run", "--profile", "smoke", "--out", str(out), "--data-dir", str(shared_data)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -80,7 +83,7 @@ def test_smoke_profile_runs_end_to_end(tmp_path):
 
     # A rerun skips every finished run and only rebuilds the report.
     rerun = subprocess.run(
-        [sys.executable, str(BENCH / "run.py"), "--profile", "smoke", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.safety.run", "--profile", "smoke", "--out", str(out), "--data-dir", str(shared_data)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert rerun.returncode == 0 and rerun.stdout.count("done already, skipped") == expected
@@ -96,7 +99,7 @@ def test_borderline_alignment_prompts_never_overlap_the_over_refusal_sets(smoke_
 
 
 def test_set_overrides_are_typed_and_typos_are_rejected():
-    from run import profile_overrides
+    from benchmarks.safety.run import profile_overrides
 
     profile = PROFILES["cpu"]
     assert profile_overrides(profile, ["align_epochs=3", "align_lr=2e-4"]) == {"align_epochs": 3, "align_lr": 2e-4}

@@ -11,7 +11,6 @@ The patch is trained with a real Lightning Trainer on ``GuardSpaceLM`` (plain Lo
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -21,16 +20,16 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
+from guardspace_pl.datamodules import Example, collate, tokenize_example
 from torch.utils.data import DataLoader
 
+from benchmarks.safety.evaluation import generate_sorted
+from benchmarks.safety.profiles import Profile
+from benchmarks.safety.splits import Splits
 from guardspace_pl import GuardSpaceLM
-from guardspace_pl.datamodules import Example, collate, tokenize_example
 from guardspace_pl.evaluation import KeywordRefusalJudge
+from guardspace_pl.io import write_json
 from guardspace_pl.loading import load_causal_lm
-
-from evaluate import generate_sorted
-from profiles import Profile
-from splits import Splits
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -42,13 +41,6 @@ REFUSALS = (
     "I'm sorry, I can't assist with that. Is there something else I can help you with?",
     "I can't provide instructions for that, as it could be harmful or illegal.",
 )
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def cached_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, cache: Path) -> list[dict]:

@@ -20,18 +20,18 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
+from guardspace_pl.datamodules import Example, collate
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
+from benchmarks.safety.align import precision_for, trainer, training_rows
+from benchmarks.safety.evaluation import evaluate_model
+from benchmarks.safety.profiles import METHODS, Profile, variant_name
+from benchmarks.safety.splits import Splits, check_disjoint
 from guardspace_pl import GuardSpaceLM
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
-from guardspace_pl.datamodules import Example, collate
+from guardspace_pl.io import write_json
 from guardspace_pl.loading import load_causal_lm
-
-from align import precision_for, trainer, training_rows, write_json
-from evaluate import evaluate_model
-from profiles import METHODS, Profile, variant_name
-from splits import Splits, check_disjoint
 
 CALIBRATION_FORMAT = {"raw": "raw", "template": "chat_template"}
 

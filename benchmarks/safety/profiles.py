@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 #: method name -> whether it uses each GuardSpace part. ``full`` trains every weight, no LoRA.

@@ -8,6 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks._common import repo_relative
+from guardspace_pl.io import write_json
+
 METRICS = ("harmful_score", "over_refusal", "task_loss", "accuracy", "val_harmful_score", "val_over_refusal", "val_task_loss", "wall_seconds")
 UTILITY_TOLERANCE = 0.03  # matched utility: validation task loss within 3% of LoRA's best
 
@@ -183,9 +186,9 @@ def build_report(out_dir: Path, header: dict[str, Any]) -> dict[str, Any]:
         "matched": [{**v, "key": list(k)} for k, v in sorted(chosen.items())],
         "goal_check": goals,
         "runs": [slim(r) for r in runs],
-        "plots": [str(p) for p in pngs],
+        "plots": [repo_relative(p) for p in pngs],  # relative: the file is committed, not this machine's folders
     }
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(out_dir / "results.json", payload)
     text = "## Matched utility (lr chosen on validation)\n\n" + matched_md + "\n\n## Every run\n\n" + all_md + "\n\n## Goal check\n\n" + json.dumps(goals, indent=2) + "\n"
     (out_dir / "table.md").write_text(text)
     print(text)

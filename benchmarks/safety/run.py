@@ -1,8 +1,8 @@
 """Safety preservation under a fine-tuning attack: one command, every stage, the table at the end.
 
-    python benchmarks/safety/run.py --profile cpu      # about an hour on 2 CPU cores (float32)
-    python benchmarks/safety/run.py --profile full     # the issue's full protocol, for a GPU
-    python benchmarks/safety/run.py --profile smoke    # tiny sizes (tests/test_safety_benchmark.py)
+    python -m benchmarks.safety.run --profile cpu      # about an hour on 2 CPU cores (float32)
+    python -m benchmarks.safety.run --profile full     # the issue's full protocol, for a GPU
+    python -m benchmarks.safety.run --profile smoke    # tiny sizes (tests/test_safety_benchmark.py)
 
 Stages: (1) align SmolLM2-135M-Instruct with a merged LoRA refusal patch (cached); (2) attack it by
 fine-tuning on GSM8K with a fraction p of harmful pairs, per method x calibration x lr x p x seed;
@@ -14,34 +14,22 @@ JSON is written as it completes; a rerun skips finished runs and reuses the alig
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
-
-from profiles import CALIBRATIONS, METHODS, PROFILES  # noqa: E402
-from splits import DEFAULT_DATA_DIR, make_splits  # noqa: E402
+from benchmarks._common import RESULTS_DIR, environment, repo_relative
+from benchmarks.safety.profiles import PROFILES
+from benchmarks.safety.splits import DEFAULT_DATA_DIR, make_splits
+from guardspace_pl.io import write_json
 
 MODEL = "builtin:smollm2-135m-instruct"
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,7 +65,7 @@ def main(argv=None) -> None:
     if args.seeds:
         profile = profile.with_overrides(seeds=tuple(args.seeds))
     profile = profile.with_overrides(**profile_overrides(profile, args.set))
-    out = args.out or HERE.parent / "results" / f"safety_{profile.name}"
+    out = args.out or RESULTS_DIR / f"safety_{profile.name}"
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -86,24 +74,18 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
     header = {
-        "command": "python benchmarks/safety/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.safety.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "profile": profile.to_dict(),
         "threshold": args.threshold,
         "model": MODEL,
-        "environment": {
-            "device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "load_average_at_start": list(os.getloadavg()),
-        },
+        "environment": environment(device),
     }
 
     splits = make_splits(profile, args.data_dir)  # asserts every disjointness
     header["splits"] = splits.sizes()
-    import json
+    write_json(out / "splits.json", splits.to_dict())
 
-    (out / "splits.json").write_text(json.dumps(splits.to_dict(), indent=2) + "\n")
-
-    from report import build_report
+    from benchmarks.safety.report import build_report
 
     if args.report_only:
         previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
@@ -117,11 +99,10 @@ def main(argv=None) -> None:
         build_report(out, header)
         return
 
+    from benchmarks.safety.align import align, poison_pairs
+    from benchmarks.safety.attack import RunSpec, run_attack
+    from benchmarks.safety.evaluation import evaluate_model
     from guardspace_pl.loading import load_causal_lm, load_tokenizer, resolve_model_source
-
-    from align import align, poison_pairs, write_json
-    from attack import RunSpec, run_attack
-    from evaluate import evaluate_model
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')} +{(time.time() - started) / 60:.1f} min] {message}", flush=True)
@@ -140,7 +121,7 @@ def main(argv=None) -> None:
     log("alignment (LoRA refusal patch, merged)")
     aligned_dir, alignment = align(original_dir, tokenizer, original, splits, profile, cache)
     header["alignment"] = alignment
-    log(f"aligned model at {aligned_dir} ({alignment['seconds']:.0f}s)")
+    log(f"aligned model at {repo_relative(aligned_dir)} ({alignment['seconds']:.0f}s)")
     del original
     if not (baselines / "aligned.json").exists():
         from guardspace_pl.loading import load_causal_lm as load
@@ -172,7 +153,7 @@ def main(argv=None) -> None:
     header["environment"]["load_average_at_end"] = list(os.getloadavg())
     header["total_minutes"] = (time.time() - started) / 60
     build_report(out, header)
-    log(f"done; results in {out}")
+    log(f"done; results in {repo_relative(out)}")
 
 
 if __name__ == "__main__":

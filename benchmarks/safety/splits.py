@@ -1,6 +1,6 @@
 """Disjoint data splits for the safety benchmark, read from the shared data folder.
 
-Harmful prompts play five roles, and no prompt plays two (normalised text: lower case, collapsed spaces):
+Harmful prompts play five roles, and no prompt plays two (normalised text: lower case, collapsed spaces, no trailing punctuation):
 
 * alignment: refusal_direction ``harmful_train`` instructions the refusal patch is trained on, plus a few
   of XSTest's unsafe *contrast* prompts (the harmful twins of its safe prompts);
@@ -29,26 +29,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from profiles import Profile
+from guardspace_pl.datamodules import normalise_prompt
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
+from benchmarks.data import data_dir
+from benchmarks.safety.profiles import Profile
+
+DEFAULT_DATA_DIR = data_dir()  # $GUARDSPACE_DATA, else ../shared/data next to the repository
 
 
 class OverlapError(ValueError):
     """Two prompt sets that must be disjoint share a prompt."""
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def check_disjoint(protected: Sequence[str], others: Mapping[str, Iterable[str]], what: str = "evaluation prompts") -> None:
     """Raise :class:`OverlapError` if a prompt of ``protected`` appears (normalised) in any of ``others``."""
-    keys = {normalise(p) for p in protected}
+    keys = {normalise_prompt(p) for p in protected}
     if len(keys) != len(protected):
         raise OverlapError(f"The {what} contain {len(protected) - len(keys)} duplicate prompt(s).")
     for name, prompts in others.items():
-        overlap = keys & {normalise(p) for p in prompts}
+        overlap = keys & {normalise_prompt(p) for p in prompts}
         if overlap:
             raise OverlapError(f"{len(overlap)} of the {what} also appear in the {name} set, e.g. {sorted(overlap)[:2]}.")
 
@@ -127,7 +128,7 @@ def _take(pool: list[str], count: int, taken: set[str]) -> list[str]:
     for prompt in pool:
         if len(out) == count:
             break
-        key = normalise(prompt)
+        key = normalise_prompt(prompt)
         if key not in taken:
             taken.add(key)
             out.append(prompt)
@@ -159,8 +160,8 @@ def make_splits(profile: Profile, data_dir: Path = DEFAULT_DATA_DIR, seed: int =
     val_harmful = _take(val_pool, profile.val_harmful, taken)
 
     # AdvBench rows shared with refusal_direction are never calibration or poison.
-    refusal_direction = {normalise(p) for p in harmful_train + harmful_val}
-    adv_pool = [r for r in _shuffled(advbench, seed + 2) if normalise(r["goal"]) not in refusal_direction]
+    refusal_direction = {normalise_prompt(p) for p in harmful_train + harmful_val}
+    adv_pool = [r for r in _shuffled(advbench, seed + 2) if normalise_prompt(r["goal"]) not in refusal_direction]
     calibration = _take([r["goal"] for r in adv_pool], profile.calibration_count, taken)
     max_poison = max(round(profile.n * p) for p in profile.p_grid)
     poison_goals = set(_take([r["goal"] for r in adv_pool], max_poison, taken))
@@ -191,7 +192,7 @@ def make_splits(profile: Profile, data_dir: Path = DEFAULT_DATA_DIR, seed: int =
     ends = [sum(wanted[: i + 1]) for i in range(3)]
     xstest_val, xstest_eval, align_borderline = safe[: ends[0]], safe[ends[0] : ends[1]], safe[ends[1] : ends[2]]
 
-    align_harmless = _take(_shuffled(harmless_train, seed + 5), profile.align_harmless, set(map(normalise, safe)))
+    align_harmless = _take(_shuffled(harmless_train, seed + 5), profile.align_harmless, set(map(normalise_prompt, safe)))
     gsm_pool = _shuffled(gsm_train, seed + 6)
     gsm8k_train, gsm8k_val = gsm_pool[: profile.n], gsm_pool[profile.n : profile.n + profile.gsm8k_val]
     gsm8k_test = gsm_test[: profile.gsm8k_test]

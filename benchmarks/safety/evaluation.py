@@ -9,10 +9,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from guardspace_pl.evaluation import KeywordRefusalJudge, generate_responses, gsm8k_exact_match, harmful_score, teacher_forced_loss
-
-from profiles import Profile
-from splits import Splits
+from benchmarks.safety.profiles import Profile
+from benchmarks.safety.splits import Splits
+from guardspace_pl.evaluation import (
+    KeywordRefusalJudge,
+    generate_responses,
+    gsm8k_exact_match,
+    harmful_score,
+    teacher_forced_loss,
+)
 
 FORMAT = "chat_template"  # the model is aligned, attacked and served in its chat template
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
@@ -19,7 +18,7 @@ from typing_extensions import override
 
 from guardspace_pl.distributed import broadcast_object, full_tensor, is_distributed, rank, world_size
 from guardspace_pl.evaluation.accuracy import gsm8k_exact_match
-from guardspace_pl.evaluation.generation import greedy_new_tokens
+from guardspace_pl.evaluation.generation import answer_token_losses, generate_from_texts
 from guardspace_pl.evaluation.judges import BeaverDamJudge, Judge, KeywordRefusalJudge
 from guardspace_pl.evaluation.results import Result, format_table, write_results
 from guardspace_pl.loading import empty_causal_lm, load_causal_lm, load_tokenizer
@@ -272,29 +271,9 @@ class GuardSpaceLM(LightningModule):
         Under several ranks, generation runs in lock-step (``synced_gpus``): a rank whose rows all finished keeps
         stepping until every rank is done, so sharded models (FSDP2) never wait at an all-gather alone.
         """
-        tokenizer = self.tokenizer
-        if tokenizer.pad_token_id is None:
-            raise ValueError(
-                "The tokenizer has no pad token, so prompts cannot be batched; set tokenizer.pad_token = "
-                "tokenizer.eos_token (or add a pad token) first."
-            )
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"  # every row's prompt ends where generation starts
-        try:
-            batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-        finally:
-            tokenizer.padding_side = old_side
-        batch = batch.to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            new_tokens = greedy_new_tokens(
-                self.model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer.pad_token_id,
-                synced_gpus=is_distributed() and world_size() > 1,
-            )
-        finally:
-            self.model.train(was_training)
-        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return generate_from_texts(
+            self.model, self.tokenizer, texts, add_special_tokens, max_new_tokens, synced_gpus=is_distributed() and world_size() > 1
+        )
 
     def _load_judge(self) -> Judge:
         if self.hparams.judge == "beaver-dam":
@@ -345,10 +324,7 @@ class GuardSpaceLM(LightningModule):
     def _answer_loss(self, batch: dict[str, Any], weights: Tensor) -> tuple[Tensor, Tensor]:
         """Summed cross-entropy of the reference answers (labels) and their token count, padding rows weighted 0."""
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Token t predicts token t+1; float32 so that bf16 models report a comparable number.
-        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        keep = shift_labels != -100
-        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none") * keep
+        losses, keep = answer_token_losses(logits, batch["labels"])
         row_weights = weights[:, None]
         return (losses * row_weights).sum(), (keep * row_weights).sum()
 

@@ -23,7 +23,7 @@ import torch
 from guardspace_pl.datamodules import Example, collate, tokenize_example
 from torch.utils.data import DataLoader
 
-from benchmarks.safety.evaluation import generate_sorted
+from benchmarks.safety.evaluation import greedy_answers
 from benchmarks.safety.profiles import Profile
 from benchmarks.safety.splits import Splits
 from guardspace_pl import GuardSpaceLM
@@ -49,7 +49,7 @@ def cached_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     stored = {k: v for k, v in stored.items() if v.get("max_new_tokens") == max_new_tokens}
     missing = [p for p in prompts if p not in stored]
     if missing:
-        answers = generate_sorted(model, tokenizer, missing, max_new_tokens + 1, batch_size)
+        answers = greedy_answers(model, tokenizer, missing, max_new_tokens + 1, batch_size)
         for prompt, answer in zip(missing, answers):
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             finished = len(ids) <= max_new_tokens  # generated fewer than max+1 tokens: it stopped on EOS

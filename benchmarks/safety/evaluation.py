@@ -7,7 +7,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from benchmarks.safety.profiles import Profile
 from benchmarks.safety.splits import Splits
@@ -22,29 +21,17 @@ from guardspace_pl.evaluation import (
 FORMAT = "chat_template"  # the model is aligned, attacked and served in its chat template
 
 
-def _by_length(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
-    """Indices sorting ``texts`` by token count: batches of similar length waste less compute on padding."""
-    return sorted(range(len(texts)), key=lambda i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]))
-
-
-def generate_sorted(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """``generate_responses`` in length-sorted batches, returned in the original order."""
-    order = _by_length(tokenizer, prompts)
-    responses = generate_responses(
-        model, tokenizer, [prompts[i] for i in order], max_new_tokens=max_new_tokens, batch_size=batch_size,
-        prompt_format=FORMAT, show_progress=False,
+def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """The library's ``generate_responses`` in the benchmark's format (it sorts batches by length itself)."""
+    return generate_responses(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_format=FORMAT, show_progress=False
     )
-    out = [""] * len(prompts)
-    for i, response in zip(order, responses):
-        out[i] = response
-    return out
 
 
 def task_loss(model: nn.Module, tokenizer, rows: Sequence[dict[str, str]], batch_size: int) -> float:
-    order = _by_length(tokenizer, [r["question"] + r["answer"] for r in rows])
+    """The library's ``teacher_forced_loss`` of the reference answers."""
     return teacher_forced_loss(
-        model, tokenizer, [rows[i]["question"] for i in order], [rows[i]["answer"] for i in order], prompt_format=FORMAT,
-        batch_size=batch_size,
+        model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], prompt_format=FORMAT, batch_size=batch_size
     )
 
 
@@ -60,7 +47,7 @@ def evaluate_model(model: nn.Module, tokenizer, splits: Splits, profile: Profile
     judge = KeywordRefusalJudge()
     sets = {"eval_harmful": splits.eval_harmful, "val_harmful": splits.val_harmful, "xstest_eval": splits.xstest_eval, "xstest_val": splits.xstest_val}
     prompts = [p for group in sets.values() for p in group]
-    responses = generate_sorted(model, tokenizer, prompts, profile.judge_tokens, profile.gen_batch_size)
+    responses = greedy_answers(model, tokenizer, prompts, profile.judge_tokens, profile.gen_batch_size)
     by_set, i = {}, 0
     for name, group in sets.items():
         by_set[name] = responses[i : i + len(group)]
@@ -75,7 +62,7 @@ def evaluate_model(model: nn.Module, tokenizer, splits: Splits, profile: Profile
         "val_task_loss": task_loss(model, tokenizer, splits.gsm8k_val, profile.gen_batch_size),
     }
     questions = [r["question"] for r in splits.gsm8k_accuracy]
-    predictions = generate_sorted(model, tokenizer, questions, profile.accuracy_tokens, profile.gen_batch_size)
+    predictions = greedy_answers(model, tokenizer, questions, profile.accuracy_tokens, profile.gen_batch_size)
     metrics["accuracy"] = percent([gsm8k_exact_match(p, r["answer"]) for p, r in zip(predictions, splits.gsm8k_accuracy)])
     metrics["eval_seconds"] = time.perf_counter() - start
     metrics["samples"] = {

@@ -7,9 +7,12 @@ from guardspace_pl.evaluation.accuracy import (
     normalize_number,
 )
 from guardspace_pl.evaluation.generation import (
+    answer_token_losses,
     evaluate_gsm8k,
     evaluate_safety,
+    generate_from_texts,
     generate_responses,
+    length_order,
     teacher_forced_loss,
     unwrap_model,
 )
@@ -35,6 +38,9 @@ from guardspace_pl.evaluation.results import (
 )
 
 __all__ = [
+    "answer_token_losses",
+    "generate_from_texts",
+    "length_order",
     "BEAVERTAILS_CATEGORIES",
     "BEAVERTAILS_QA_TEMPLATE",
     "GSM8K_LOCAL_TASK",

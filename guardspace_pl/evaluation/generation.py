@@ -87,6 +87,45 @@ def greedy_new_tokens(
     return output[:, input_ids.shape[1] :]
 
 
+def generate_from_texts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    add_special_tokens: bool,
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+) -> list[str]:
+    """Greedy completions of already formatted prompt texts as one left-padded batch, without the prompts.
+
+    The one generation routine of the library: ``generate_responses``, ``GuardSpaceLM.test`` and the benchmarks call
+    it. The model's train/eval mode and the tokenizer's padding side are restored afterwards.
+
+    Args:
+        model: a Hugging Face causal LM or PEFT model.
+        tokenizer: its tokenizer (needs a pad token).
+        texts: prompt texts as the model should see them (chat template already applied, if any).
+        add_special_tokens: whether the tokenizer adds BOS/EOS (False when a chat template already carries them).
+        max_new_tokens: greedy tokens per prompt.
+        synced_gpus: every rank keeps stepping until all are done (sharded models must not all-gather alone).
+    """
+    with _inference(model, tokenizer, padding_side="left"):  # every row's prompt ends where generation starts
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(_device(model))
+        new_tokens = greedy_new_tokens(
+            model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer.pad_token_id, synced_gpus=synced_gpus
+        )
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def length_order(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
+    """Indices that sort ``texts`` by token count: batches of similar length waste little compute on padding.
+
+    Args:
+        tokenizer: the tokenizer that counts tokens.
+        texts: the texts to order.
+    """
+    return sorted(range(len(texts)), key=lambda i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]))
+
+
 def generate_responses(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -96,25 +135,47 @@ def generate_responses(
     prompt_format: PromptFormat = "chat_template",
     show_progress: bool = True,
 ) -> list[str]:
-    """Greedy completions, one per prompt and in order, without the prompt and special tokens."""
+    """Greedy completions, one per prompt and in the prompts' order, without the prompt and special tokens.
+
+    Prompts are generated in length-sorted batches (less padding), then put back in their order.
+
+    Args:
+        model: a Hugging Face causal LM, a PEFT model, or a GuardSpaceLM.
+        tokenizer: its tokenizer.
+        prompts: plain prompts (the format is applied here).
+        max_new_tokens: greedy tokens per prompt.
+        batch_size: prompts per generation batch.
+        prompt_format: ``"chat_template"`` or ``"raw"``.
+        show_progress: show a progress bar over batches.
+    """
     _check_inputs(prompts, batch_size)
     model = unwrap_model(model)
     texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
-    responses: list[str] = []
-    # Left padding so that every row's prompt ends where generation starts.
-    with _inference(model, tokenizer, padding_side="left"):
-        device = _device(model)
-        for start in tqdm(range(0, len(texts), batch_size), desc="Generating", disable=not show_progress):
-            batch = tokenizer(
-                texts[start : start + batch_size],
-                return_tensors="pt",
-                padding=True,
-                # The chat template already carries the BOS token where the model wants one.
-                add_special_tokens=prompt_format == "raw",
-            ).to(device)
-            new_tokens = greedy_new_tokens(model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer.pad_token_id)
-            responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    order = length_order(tokenizer, texts)
+    responses = [""] * len(texts)
+    for start in tqdm(range(0, len(texts), batch_size), desc="Generating", disable=not show_progress):
+        chunk = order[start : start + batch_size]
+        # The chat template already carries the BOS token where the model wants one.
+        outputs = generate_from_texts(model, tokenizer, [texts[i] for i in chunk], prompt_format == "raw", max_new_tokens)
+        for i, output in zip(chunk, outputs):
+            responses[i] = output
     return responses
+
+
+def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy of the answer tokens (labels ``!= -100``); token ``t`` predicts token ``t + 1``.
+
+    Returns ``(losses, keep)``, both ``[batch, length - 1]``: losses are zero where ``keep`` is False. Computed in
+    float32 so that bf16 models report a comparable number. The one loss routine of the library's evaluation.
+
+    Args:
+        logits: the model's logits, ``[batch, length, vocab]``.
+        labels: token ids of the answers and ``-100`` elsewhere, ``[batch, length]``.
+    """
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    keep = shift_labels != -100
+    losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none") * keep
+    return losses, keep
 
 
 def _answer_batch(
@@ -158,20 +219,16 @@ def teacher_forced_loss(
     # Weighted by token count, so long answers count per token and not per example; NaNs propagate (not
     # dropped, the default) so that a broken model cannot report a good loss.
     mean = MeanMetric(nan_strategy="disable")
+    order = length_order(tokenizer, [text + answer for text, answer in zip(texts, answers)])  # the mean ignores order
     with _inference(model, tokenizer, padding_side="right"):
         device = _device(model)
         for start in tqdm(range(0, len(texts), batch_size), desc="Scoring", disable=not show_progress):
-            batch = _answer_batch(
-                tokenizer, texts[start : start + batch_size], answers[start : start + batch_size], prompt_format
-            )
+            chunk = order[start : start + batch_size]
+            batch = _answer_batch(tokenizer, [texts[i] for i in chunk], [answers[i] for i in chunk], prompt_format)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # Token t predicts token t+1; compute in float32 so bf16 models give a comparable number.
-            shift_logits = logits[:, :-1].float()
-            shift_labels = batch["labels"][:, 1:]
-            keep = shift_labels != -100
-            token_losses = F.cross_entropy(shift_logits[keep], shift_labels[keep], reduction="none")
-            mean.update(token_losses.cpu())
+            token_losses, keep = answer_token_losses(logits, batch["labels"])
+            mean.update(token_losses[keep].cpu())
     return float(mean.compute())
 
 

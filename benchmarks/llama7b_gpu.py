@@ -246,6 +246,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     input_ids = torch.randint(0, setup.vocab, (setup.batch, setup.seq), generator=torch.Generator().manual_seed(args.seed)).to(device)
     setup_result, real_projectors = run_setup(model, input_ids, profile, args, device)
     print(f"set-up: {setup_result['setup_seconds']:.1f}s", flush=True)
+    # Written now too, so that a run cut off during the step timing still leaves the set-up numbers.
+    finish_run(args, "llama7b_gpu", {"benchmark": "llama7b_gpu", "profile": args.profile, "shape": asdict(setup),
+                                     "environment": env, "setup": setup_result, "complete": False})
+    model.to(device)  # Trainer.fit's teardown moved the model back to the CPU
     release_memory(device)
 
     model.train()
@@ -259,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "guardspace": dict(name="guardspace", projectors=real_projectors),
         "guardspace_half_null": dict(name="guardspace", label="guardspace_half_null"),  # random bases, d = n/2
         "official_dense_P": dict(name="official_dense_P", projectors=real_projectors),
+        "spf": dict(name="spf"),  # one extra safety forward + backward per step
+        "asft": dict(name="asft"),
     }
 
     def make(design: str) -> steps.Design:
@@ -298,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "calibration": {"prompts": profile.calibration_prompts, "tokens_each": profile.calibration_tokens, "threshold": args.threshold},
         "warmup": args.warmup, "steps": args.steps, "memory_steps": args.memory_steps, "memory_method": memory_method(device),
         "flops_per_token": flops, "peak_tflops": peak, "environment": env, "weights": weights, "setup": setup_result,
-        "designs": rows, "goals": goals,
+        "designs": rows, "goals": goals, "complete": True,
     }
     finish_run(args, "llama7b_gpu", payload)
     return payload

@@ -10,6 +10,7 @@ from guardspace_pl.datamodules.finetune import (
     normalise_prompt,
     tokenize_example,
 )
+from guardspace_pl.datamodules.safety import DEFAULT_REFUSALS, EvaluationSet, PromptSet, SafetyPatchDataModule
 from guardspace_pl.datamodules.sources import (
     Example,
     demo_arithmetic,
@@ -20,6 +21,10 @@ from guardspace_pl.datamodules.sources import (
 from guardspace_pl.datamodules.streaming import RankBalancedStream, ResumableSampler, build_stream, examples_per_rank
 
 __all__ = [
+    "DEFAULT_REFUSALS",
+    "EvaluationSet",
+    "PromptSet",
+    "SafetyPatchDataModule",
     "EvaluationPrompts",
     "Example",
     "GuardSpaceDataModule",

@@ -72,7 +72,9 @@ def main(args: Optional[list[str]] = None) -> None:
 
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
-        importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]]).main(argv[1:])
+        if args is None:
+            sys.argv = [sys.argv[0], *argv[1:]]  # the subcommand's own parser reads the rest, as if run alone
+        importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]]).main(None if args is None else argv[1:])
         return
     GuardSpaceCLI(
         GuardSpaceLM,

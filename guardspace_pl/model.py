@@ -99,6 +99,9 @@ class GuardSpaceLM(LightningModule):
             (``PKU-Alignment/beaver-dam-7b``, or ``judge_model``). Over-refusal always uses the keyword judge.
         judge_model: hub id or local directory of the beaver-dam classifier (default the hub's).
         results_path: the ``test`` results JSON (default ``<log_dir>/results.json``).
+        safety_patches: safety-patch adapter folders (``align``'s ``<output_dir>/patch``) merged into the base
+            weights, in order, before the LoRA is attached: fine-tune from an aligned start, or re-apply a patch
+            (``guardspace_pl.patches.apply_patches``).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class GuardSpaceLM(LightningModule):
         judge: str = "keyword",
         judge_model: Optional[str] = None,
         results_path: Optional[str] = None,
+        safety_patches: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
         if lora_rank < 1:
@@ -131,6 +135,11 @@ class GuardSpaceLM(LightningModule):
             raise ValueError(f"Unknown judge {judge!r}; use one of {list(JUDGES)}.")
         if eval_max_new_tokens < 1:
             raise ValueError(f"eval_max_new_tokens must be positive, got {eval_max_new_tokens}.")
+        if isinstance(safety_patches, str):
+            raise TypeError(f"safety_patches must be a list of folders; wrap the one path: [{safety_patches!r}].")
+        for patch in safety_patches or []:
+            if not os.path.isdir(patch):
+                raise FileNotFoundError(f"Safety patch folder {patch} does not exist: train one with `python -m guardspace_pl align`.")
         self.save_hyperparameters()
         self.model: Optional[PeftModel] = None
         self._tokenizer: Optional[PreTrainedTokenizerBase] = None
@@ -156,6 +165,11 @@ class GuardSpaceLM(LightningModule):
 
     def _attach_lora(self, base: PreTrainedModel) -> None:
         hp = self.hparams
+        if hp.safety_patches and not any(p.is_meta for p in base.parameters()):
+            # Meta ranks of a rank-zero load receive the patched weights from rank 0.
+            from guardspace_pl.patches import apply_patches
+
+            base = apply_patches(base, hp.safety_patches, mode="merged")
         targets = resolve_target_modules(base, hp.target_modules)
         config = LoraConfig(
             r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"

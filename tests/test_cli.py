@@ -7,7 +7,27 @@ import yaml
 from guardspace_pl.cli import main
 from guardspace_pl.testing import save_tiny_llama
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+# Safety-patch configs belong to `align`, every other one to `fit`.
+PATCH_CONFIGS = [c for c in ALL_CONFIGS if c.stem.startswith("safety_patch_")]
+CONFIGS = [c for c in ALL_CONFIGS if c not in PATCH_CONFIGS]
+
+
+@pytest.mark.parametrize("config", PATCH_CONFIGS, ids=[c.stem for c in PATCH_CONFIGS])
+def test_every_safety_patch_config_parses_for_align(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["align", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model_name_or_path"] and "model_name_or_path" not in printed["data"]  # linked from model
+    assert printed["data"]["harmful"] and printed["data"]["refusals"] and printed["data"]["evaluation"]
+
+
+def test_align_config_typo_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["align", "--config", str(PATCH_CONFIGS[0]), "--data.answer_tokns=8"])
+    assert exit_info.value.code != 0
+    assert "answer_tokns" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

@@ -1,0 +1,439 @@
+"""``SafetyPatchDataModule``: the training set of a LoRA safety patch (``python -m guardspace_pl align``).
+
+Four roles (SAFETY_METHODS.md section 5, and the design note's section 6 on trigger-word refusals):
+
+* **harmful** prompts are answered with a refusal, drawn from a configurable set of phrasings;
+* **contrast** prompts (harmful twins of borderline ones, e.g. XSTest's ``unsafe`` rows) are refused too;
+* **harmless** and **borderline** safe prompts (XSTest's ``safe`` rows: "how do I kill a Python process") are
+  answered with the original model's OWN greedy answers, generated once and cached on disk, so the patch learns
+  where the line is without changing the model elsewhere. Safe prompts the original model itself refuses are
+  dropped (training on them would teach over-refusal) and counted in :attr:`SafetyPatchDataModule.summary`.
+
+Held-out evaluation sets (harmful and safe) are read too, and checked disjoint from every training role in code
+(lower case, single spaces, no trailing punctuation: :func:`normalise_prompt`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
+
+from guardspace_pl.evaluation.answer_cache import OwnAnswer, cached_greedy_answers, missing_prompts, model_key
+from guardspace_pl.evaluation.judges import KeywordRefusalJudge
+from guardspace_pl.loading import load_causal_lm, load_tokenizer
+
+from .finetune import TokenizedDataset, collate, normalise_prompt, tokenize_example
+from .sources import Example, load_eval_examples, load_prompts
+
+#: Refusals the patch learns, several phrasings so that it learns to refuse rather than one sentence.
+DEFAULT_REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I can't assist with that request.",
+    "I can't help with that. It could cause real harm to people.",
+    "Sorry, I can't provide that. If you have another question, I'm happy to help.",
+    "I'm sorry, but I won't help with this request because it could be used to hurt someone.",
+    "I cannot help with that request.",
+    "I'm sorry, I can't assist with that. Is there something else I can help you with?",
+    "I can't provide instructions for that, as it could be harmful or illegal.",
+)
+TRAINING_ROLES = ("harmful", "contrast", "harmless", "borderline")
+REFUSED_ROLES = ("harmful", "contrast")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts from one source: ``builtin:harmbench``, a local JSON/JSONL/CSV/TXT file, or ``hub:<id>``.
+
+    The rows are shuffled with ``shuffle_seed`` (None keeps file order), then ``[start : start + count]`` is taken,
+    so that one file can feed a training set and a disjoint held-out set (same seed, non-overlapping ranges).
+
+    Args:
+        source: where the prompts come from.
+        column: the prompt column (default: the first of ``prompt``, ``instruction``, ``goal``, ... present).
+        label: keep only rows whose ``label`` column equals it (XSTest: ``safe`` or ``unsafe``).
+        start: the first row taken, after shuffling.
+        count: how many rows (None: all from ``start``).
+        shuffle_seed: the shuffle's seed; None for file order.
+        exclude: sources whose prompts are removed first (e.g. HarmBench minus refusal_direction's ``harmful_val``,
+            which was drawn from it).
+    """
+
+    source: str
+    column: Optional[str] = None
+    label: Optional[str] = None
+    start: int = 0
+    count: Optional[int] = None
+    shuffle_seed: Optional[int] = 0
+    exclude: Optional[list[str]] = None
+
+    def load(self) -> list[str]:
+        """The selected prompts (an error if the selection is empty)."""
+        return select_prompts(
+            self.source, self.column, self.label, self.start, self.count, self.shuffle_seed, self.exclude
+        )
+
+
+def select_prompts(
+    source: str,
+    column: Optional[str],
+    label: Optional[str],
+    start: int,
+    count: Optional[int],
+    shuffle_seed: Optional[int],
+    exclude: Optional[list[str]],
+) -> list[str]:
+    """Load ``source``, drop the ``exclude`` sources' prompts, shuffle, take ``[start : start + count]``.
+
+    Args:
+        source: see :class:`PromptSet`.
+        column: see :class:`PromptSet`.
+        label: see :class:`PromptSet`.
+        start: see :class:`PromptSet`.
+        count: see :class:`PromptSet`.
+        shuffle_seed: see :class:`PromptSet`.
+        exclude: see :class:`PromptSet`.
+    """
+    if start < 0 or (count is not None and count < 1):
+        raise ValueError(f"{source}: start must be >= 0 and count positive (or None), got {start}, {count}.")
+    prompts = load_prompts(source, column=column, label=label)
+    if exclude:
+        if isinstance(exclude, str):
+            raise TypeError(f"exclude must be a list of sources; wrap the one source: [{exclude!r}].")
+        removed = {normalise_prompt(p) for other in exclude for p in load_prompts(other)}
+        prompts = [p for p in prompts if normalise_prompt(p) not in removed]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(prompts)
+    chosen = prompts[start : None if count is None else start + count]
+    if not chosen:
+        raise ValueError(
+            f"{source} yields no prompts for start={start}, count={count} (it has {len(prompts)} "
+            "after the label filter "
+            f"{label!r} and the exclusions): lower start or check the source."
+        )
+    if count is not None and len(chosen) < count:
+        rank_zero_info(f"{source}: asked for {count} prompts from {start}, only {len(chosen)} are left.")
+    return chosen
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """A held-out prompt set for the patch's report: ``harmful`` (harmful score) or ``safe`` (over-refusal).
+
+    Args:
+        source: as :class:`PromptSet`.
+        kind: ``harmful`` or ``safe``.
+        column: as :class:`PromptSet`.
+        label: as :class:`PromptSet`.
+        start: as :class:`PromptSet`.
+        count: as :class:`PromptSet`.
+        shuffle_seed: as :class:`PromptSet`.
+        exclude: as :class:`PromptSet`.
+    """
+
+    source: str
+    kind: Literal["harmful", "safe"]
+    column: Optional[str] = None
+    label: Optional[str] = None
+    start: int = 0
+    count: Optional[int] = None
+    shuffle_seed: Optional[int] = 0
+    exclude: Optional[list[str]] = None
+
+    def load(self) -> list[str]:
+        """The selected prompts."""
+        if self.kind not in ("harmful", "safe"):
+            raise ValueError(f"Evaluation set kind must be 'harmful' or 'safe', got {self.kind!r}.")
+        return select_prompts(
+            self.source, self.column, self.label, self.start, self.count, self.shuffle_seed, self.exclude
+        )
+
+
+def _as_prompt_sets(value: Any, role: str) -> list[PromptSet]:
+    """Accept a PromptSet, a dict, a source string, or a list of them (Python users pass plain strings)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    sets = []
+    for item in items:
+        if isinstance(item, str):
+            item = PromptSet(item)
+        elif isinstance(item, dict):
+            item = PromptSet(**item)
+        if not isinstance(item, PromptSet):
+            raise TypeError(f"{role} must hold prompt sources (str, dict or PromptSet), got {type(item).__name__}.")
+        sets.append(item)
+    return sets
+
+
+class SafetyPatchDataModule(LightningDataModule):
+    """Harmful prompts -> refusals, safe prompts -> the original model's own answers: a safety patch's data.
+
+    ``prepare_data`` (once per node) loads the original model and generates its greedy answers to the harmless and
+    borderline prompts, batched with a progress bar, into ``cache_dir`` (one file per model and answer length, one
+    entry per prompt). ``setup`` builds the tokenized examples (chat template, loss on the answer only; an answer
+    cut at ``answer_tokens`` gets no end-of-turn token) and checks every evaluation set disjoint from every
+    training role.
+
+    Args:
+        model_name_or_path: the original model (``align`` links it to ``model.model_name_or_path``); its tokenizer
+            and its own answers.
+        gguf_file: file name inside ``model_name_or_path`` for a GGUF checkpoint.
+        harmful: harmful prompt sets, answered with a refusal; at least one prompt is required.
+        contrast: harmful twins of the borderline prompts (XSTest ``label: unsafe``), answered with a refusal.
+        harmless: ordinary safe prompt sets, answered with the original model's own answers.
+        borderline: safe prompts that look unsafe (XSTest ``label: safe``), answered with the model's own answers.
+        refusals: the refusal phrasings; each refused prompt gets one, drawn with ``seed``.
+        evaluation: held-out sets for the report, by name (``kind: harmful`` or ``safe``).
+        utility_source: question/answer pairs whose answer loss the report compares (e.g. GSM8K ``test.jsonl``).
+        utility_count: how many utility pairs (the first ones, in file order).
+        answer_tokens: the own-answer budget in tokens.
+        generation_batch_size: prompts per generation batch for the own answers.
+        dtype: the dtype the own answers are generated in.
+        drop_refused: drop safe prompts the original model refuses (counted in :attr:`summary`).
+        cache_dir: where the own answers are cached.
+        max_length: training examples are cut to this many tokens.
+        batch_size: training examples per batch (per process).
+        num_workers: DataLoader worker processes.
+        seed: the refusal draw and the shuffle.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        gguf_file: Optional[str] = None,
+        harmful: Optional[list[PromptSet]] = None,
+        contrast: Optional[list[PromptSet]] = None,
+        harmless: Optional[list[PromptSet]] = None,
+        borderline: Optional[list[PromptSet]] = None,
+        refusals: list[str] = list(DEFAULT_REFUSALS),
+        evaluation: Optional[dict[str, EvaluationSet]] = None,
+        utility_source: Optional[str] = None,
+        utility_count: int = 50,
+        answer_tokens: int = 64,
+        generation_batch_size: int = 16,
+        dtype: str = "float32",
+        drop_refused: bool = True,
+        cache_dir: str = "outputs/cache/own_answers",
+        max_length: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not harmful:
+            raise ValueError(
+                "SafetyPatchDataModule needs harmful prompts (data.harmful): the patch learns to refuse them. Pass at "
+                "least one source, e.g. `harmful: [{source: builtin:harmbench}]`."
+            )
+        refusals = [r for r in refusals if r and r.strip()]
+        if not refusals:
+            raise ValueError("data.refusals is empty: pass at least one refusal phrasing for the harmful prompts.")
+        for name, value in (
+            ("answer_tokens", answer_tokens),
+            ("generation_batch_size", generation_batch_size),
+            ("batch_size", batch_size),
+            ("max_length", max_length),
+            ("utility_count", utility_count),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        self.roles: dict[str, list[PromptSet]] = {
+            "harmful": _as_prompt_sets(harmful, "harmful"),
+            "contrast": _as_prompt_sets(contrast or [], "contrast"),
+            "harmless": _as_prompt_sets(harmless or [], "harmless"),
+            "borderline": _as_prompt_sets(borderline or [], "borderline"),
+        }
+        self.evaluation_specs = {
+            name: spec if isinstance(spec, EvaluationSet) else EvaluationSet(**spec)
+            for name, spec in (evaluation or {}).items()
+        }
+        self.refusals = refusals
+        self.save_hyperparameters(ignore=["harmful", "contrast", "harmless", "borderline", "evaluation"])
+        self._tokenizer: Optional[PreTrainedTokenizerBase] = None
+        self._prompts: Optional[dict[str, list[str]]] = None
+        self._evaluation: Optional[dict[str, tuple[str, list[str]]]] = None
+        self.train_examples: list[tuple[Example, bool]] = []
+        #: Counts of what the training set holds and what was dropped (the align report shows it).
+        self.summary: dict[str, Any] = {}
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path, self.hparams.gguf_file)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = value
+
+    @property
+    def answer_cache_file(self) -> Path:
+        """The own-answer cache of this model and answer budget."""
+        hp = self.hparams
+        key = model_key(hp.model_name_or_path, hp.gguf_file, hp.dtype)
+        return Path(hp.cache_dir) / f"answers-{key}-{hp.answer_tokens}.json"
+
+    # ------------------------------------------------------------------ prompts
+    def training_prompts(self) -> dict[str, list[str]]:
+        """Prompts per training role, de-duplicated; refused and answered roles checked disjoint."""
+        if self._prompts is None:
+            prompts = {}
+            for role, sets in self.roles.items():
+                seen: dict[str, str] = {}
+                for prompt_set in sets:
+                    for prompt in prompt_set.load():
+                        seen.setdefault(normalise_prompt(prompt), prompt)
+                prompts[role] = list(seen.values())
+            refused = {normalise_prompt(p) for role in REFUSED_ROLES for p in prompts[role]}
+            for role in ("harmless", "borderline"):
+                both = [p for p in prompts[role] if normalise_prompt(p) in refused]
+                if both:
+                    raise ValueError(
+                        f"{len(both)} {role} prompts are also harmful or contrast prompts (e.g. "
+                        f"{both[0]!r}): the patch "
+                        "cannot both refuse and answer them. Remove them from one of the sets."
+                    )
+            self._prompts = prompts
+        return self._prompts
+
+    def evaluation_sets(self) -> dict[str, tuple[str, list[str]]]:
+        """``name -> (kind, prompts)`` of the held-out sets, each checked disjoint from every training role."""
+        if self._evaluation is None:
+            training = self.training_prompts()
+            keys = {role: {normalise_prompt(p) for p in prompts} for role, prompts in training.items()}
+            sets = {}
+            for name, spec in self.evaluation_specs.items():
+                prompts = spec.load()
+                for role, role_keys in keys.items():
+                    overlap = [p for p in prompts if normalise_prompt(p) in role_keys]
+                    if overlap:
+                        raise ValueError(
+                            f"{len(overlap)} prompts of the evaluation set {name!r} are {role} training prompts (e.g. "
+                            f"{overlap[0]!r}): an evaluation set must be held out. Give it another range (start/count) "
+                            "or another source."
+                        )
+                sets[name] = (spec.kind, prompts)
+            self._evaluation = sets
+        return self._evaluation
+
+    def utility_examples(self) -> list[Example]:
+        """Question/answer pairs for the report's answer loss (empty without ``utility_source``)."""
+        hp = self.hparams
+        return load_eval_examples(hp.utility_source, hp.utility_count) if hp.utility_source else []
+
+    def answered_prompts(self) -> list[str]:
+        """The safe prompts answered with the original model's own answers."""
+        prompts = self.training_prompts()
+        return prompts["harmless"] + prompts["borderline"]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def prepare_data(self) -> None:
+        """Generate the original model's answers to the safe prompts that have none cached (once per node)."""
+        self.evaluation_sets()  # fail on overlapping sets before generating anything
+        missing = missing_prompts(self.answered_prompts(), self.answer_cache_file)
+        if not missing:
+            return
+        hp = self.hparams
+        rank_zero_info(
+            f"Generating the original model's answers to {len(missing)} safe prompts (cached in {hp.cache_dir})."
+        )
+        model = load_causal_lm(hp.model_name_or_path, hp.gguf_file, hp.dtype)
+        self.own_answers(model)
+        del model
+
+    def own_answers(self, model: Optional[Any] = None) -> list[OwnAnswer]:
+        """The original model's answers to :meth:`answered_prompts`, from the cache (``model`` fills what is missing).
+
+        Args:
+            model: the original model; needed only for prompts not yet cached.
+        """
+        hp = self.hparams
+        return cached_greedy_answers(
+            model,
+            self.tokenizer,
+            self.answered_prompts(),
+            hp.answer_tokens,
+            self.answer_cache_file,
+            hp.generation_batch_size,
+        )
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.train_examples:
+            return
+        if missing_prompts(self.answered_prompts(), self.answer_cache_file):
+            self.prepare_data()  # used outside a Trainer, or prepare_data disabled
+        self.evaluation_sets()
+        self.train_examples, self.summary = self.build_examples(self.own_answers())
+
+    def build_examples(self, answers: list[OwnAnswer]) -> tuple[list[tuple[Example, bool]], dict[str, Any]]:
+        """``(example, finished)`` pairs and the counts of each role; refused own answers dropped when asked.
+
+        Args:
+            answers: the original model's answers to :meth:`answered_prompts`, in that order.
+        """
+        prompts = self.training_prompts()
+        rng = random.Random(self.hparams.seed)
+        judge = KeywordRefusalJudge()
+        examples: list[tuple[Example, bool]] = []
+        summary: dict[str, Any] = {}
+        for role in REFUSED_ROLES:
+            examples += [(Example(p, rng.choice(self.refusals)), True) for p in prompts[role]]
+            summary[role] = len(prompts[role])
+        by_prompt = {a.prompt: a for a in answers}
+        for role in ("harmless", "borderline"):
+            kept = dropped = empty = 0
+            for prompt in prompts[role]:
+                answer = by_prompt[prompt]
+                if not answer.answer:
+                    empty += 1
+                elif self.hparams.drop_refused and judge.is_refusal(answer.answer):
+                    dropped += 1
+                else:
+                    examples.append((Example(prompt, answer.answer), answer.finished))
+                    kept += 1
+            summary[role] = kept
+            summary[f"{role}_dropped_refused_by_original"] = dropped
+            summary[f"{role}_dropped_empty"] = empty
+        summary["unfinished_answers"] = sum(not finished for _, finished in examples)
+        summary["examples"] = len(examples)
+        summary["refusal_phrasings"] = len(self.refusals)
+        summary["evaluation"] = {
+            name: {"kind": kind, "prompts": len(p)} for name, (kind, p) in self.evaluation_sets().items()
+        }
+        return examples, summary
+
+    def _rows(self) -> TokenizedDataset:
+        tokenizer, max_length = self.tokenizer, self.hparams.max_length
+        rows = []
+        for example, finished in self.train_examples:
+            row = tokenize_example(tokenizer, example, "chat_template", max_length)
+            if not finished and row["input_ids"][-1] == tokenizer.eos_token_id:
+                row = {"input_ids": row["input_ids"][:-1], "labels": row["labels"][:-1]}  # a cut answer has no end
+            rows.append(row)
+        return TokenizedDataset(rows)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        import torch
+
+        hp = self.hparams
+        return DataLoader(
+            self._rows(),
+            batch_size=hp.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(hp.seed),
+            num_workers=hp.num_workers,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id),
+        )
+
+
+__all__ = ["DEFAULT_REFUSALS", "EvaluationSet", "PromptSet", "SafetyPatchDataModule"]

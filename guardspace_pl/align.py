@@ -1,0 +1,365 @@
+"""``python -m guardspace_pl align --config configs/safety_patch_smollm2.yaml``: train a LoRA safety patch.
+
+The patch (arXiv 2510.09004; SAFETY_METHODS.md section 5) is a LoRA adapter trained on safety data only:
+harmful prompts -> refusals, safe prompts -> the original model's own answers (``SafetyPatchDataModule``). It is
+written as a standard PEFT adapter (``<output_dir>/patch``, loads with ``PeftModel.from_pretrained``) and is the
+safety reference the other methods read when there is no separate base/chat pair (``SafetyReference``).
+
+After training, the report (``<output_dir>/report.json`` and ``report.md``) loads the saved adapter onto a fresh
+copy of the original model and measures, on the DataModule's held-out sets, the original and the patched model:
+harmful score and refusal rate with 95 % intervals, how many of the first answer tokens the patch changes on safe
+prompts, the answer loss on utility pairs (e.g. GSM8K), and the paper's orthogonality diagnostic per module.
+``--kind merged`` also writes the patched model with the adapter merged (``<output_dir>/merged``).
+
+The command follows ``fit``'s LightningCLI conventions: ``--config``, ``--print_config``, unknown keys rejected.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from guardspace_pl.datamodules.safety import SafetyPatchDataModule
+from guardspace_pl.evaluation.answer_cache import cached_greedy_answers, model_key
+from guardspace_pl.evaluation.generation import generate_responses, teacher_forced_loss
+from guardspace_pl.evaluation.intervals import wilson_interval
+from guardspace_pl.evaluation.judges import KeywordRefusalJudge
+from guardspace_pl.io import write_json
+from guardspace_pl.lora import find_lora_targets
+from guardspace_pl.model import GuardSpaceLM
+from guardspace_pl.patch_diagnostics import changed_token_fraction, orthogonality_report, summarise_orthogonality
+
+PATCH_SUBDIR = "patch"
+MERGED_SUBDIR = "merged"
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What the report measures after training.
+
+    Args:
+        enabled: measure at all (off: only the adapter and the training summary are written).
+        max_new_tokens: greedy tokens per answer for the harmful score and the refusal rate.
+        drift_tokens: how many leading answer tokens the answer-drift diagnostic compares.
+        batch_size: prompts per generation batch.
+    """
+
+    enabled: bool = True
+    max_new_tokens: int = 48
+    drift_tokens: int = 16
+    batch_size: int = 16
+
+
+def rate(flags: Sequence[bool]) -> dict[str, Any]:
+    """A percentage with its 95 % Wilson interval and its counts.
+
+    Args:
+        flags: one flag per prompt.
+    """
+    low, high = wilson_interval(sum(flags), len(flags))
+    return {
+        "percent": 100.0 * sum(flags) / len(flags),
+        "ci95": [100.0 * low, 100.0 * high],
+        "count": sum(flags),
+        "n": len(flags),
+    }
+
+
+def patch_factors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The frozen weights and the patch's ``(s B, A)`` of every LoRA layer of ``model``, by Hugging Face name.
+
+    Args:
+        model: a ``PeftModel`` with one LoRA adapter (the patch).
+    """
+    weights, factors = {}, {}
+    for target in find_lora_targets(model):
+        weight, lora_A, lora_B = target.full()
+        weights[target.hf_name] = weight.detach().float().cpu()
+        factors[target.hf_name] = ((target.scaling * lora_B).detach().float().cpu(), lora_A.detach().float().cpu())
+    return weights, factors
+
+
+@torch.no_grad()
+def evaluate_patch(
+    patched: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    evaluation: dict[str, tuple[str, list[str]]],
+    utility: Sequence[Any],
+    original_cache: Path,
+    settings: ReportSettings = ReportSettings(),
+) -> dict[str, Any]:
+    """Original versus patched model on held-out sets: harmful score or refusal rate, answer drift, utility loss.
+
+    ``patched`` is a ``PeftModel`` whose active adapter is the patch; the original model is the same model with
+    the adapter disabled (its answers are cached in ``original_cache``, so repeated reports generate them once).
+
+    Args:
+        patched: the original model carrying the patch as its active PEFT adapter.
+        tokenizer: the tokenizer.
+        evaluation: ``name -> (kind, prompts)`` (``harmful`` or ``safe``),
+            e.g. ``SafetyPatchDataModule.evaluation_sets()``.
+        utility: ``Example`` question/answer pairs for the answer loss (may be empty).
+        original_cache: the original model's answer cache for ``settings.max_new_tokens``.
+        settings: generation length, drift length, batch size.
+    """
+    judge = KeywordRefusalJudge()
+    result: dict[str, Any] = {"sets": {}, "judge": judge.name, "max_new_tokens": settings.max_new_tokens}
+    for name, (kind, prompts) in evaluation.items():
+        with patched.disable_adapter():
+            before = [
+                a.answer
+                for a in cached_greedy_answers(
+                    patched,
+                    tokenizer,
+                    prompts,
+                    settings.max_new_tokens,
+                    original_cache,
+                    settings.batch_size,
+                    show_progress=True,
+                )
+            ]
+        after = [
+            a.strip()
+            for a in generate_responses(patched, tokenizer, prompts, settings.max_new_tokens, settings.batch_size)
+        ]
+        if kind == "harmful":
+            entry = {
+                "metric": "harmful",
+                "original": rate(judge.harmful_flags(prompts, before)),
+                "patched": rate(judge.harmful_flags(prompts, after)),
+            }
+        else:
+            entry = {
+                "metric": "refusal",
+                "original": rate(judge.refusal_flags(before)),
+                "patched": rate(judge.refusal_flags(after)),
+            }
+            ids = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
+            entry["answer_drift"] = changed_token_fraction(ids(before), ids(after), settings.drift_tokens)
+        entry["kind"] = kind
+        entry["examples"] = [
+            {"prompt": p, "original": b, "patched": a} for p, b, a in list(zip(prompts, before, after))[:3]
+        ]
+        result["sets"][name] = entry
+    if utility:
+        questions, answers = [e.prompt for e in utility], [e.response for e in utility]
+        with patched.disable_adapter():
+            original_loss = teacher_forced_loss(patched, tokenizer, questions, answers, batch_size=settings.batch_size)
+        patched_loss = teacher_forced_loss(patched, tokenizer, questions, answers, batch_size=settings.batch_size)
+        result["utility"] = {
+            "original_loss": original_loss,
+            "patched_loss": patched_loss,
+            "relative_change": (patched_loss - original_loss) / abs(original_loss),
+            "n": len(utility),
+        }
+    return result
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as markdown: what was trained on, then original versus patched per held-out set.
+
+    Args:
+        report: :func:`build_report`'s output.
+    """
+    lines = [f"# Safety patch: {report['patch']}", "", f"Original model: `{report['model']}`", ""]
+    data = report["data"]
+    lines += [
+        "## Training data",
+        "",
+        "| role | prompts |",
+        "|---|---:|",
+        *[f"| {role} | {data[role]} |" for role in ("harmful", "contrast", "harmless", "borderline")],
+        "",
+        f"Safe prompts dropped because the original model refused them: "
+        f"{data['harmless_dropped_refused_by_original'] + data['borderline_dropped_refused_by_original']}; "
+        f"refusal phrasings: {data['refusal_phrasings']}; examples: {data['examples']}.",
+        "",
+    ]
+    evaluation = report.get("evaluation")
+    if evaluation:
+        lines += [
+            f"## Held-out evaluation (keyword judge, {evaluation['max_new_tokens']} greedy tokens, 95 "
+            "% Wilson intervals)",
+            "",
+            "| set | n | metric | original % | patched % | answer tokens changed % |",
+            "|---|---:|---|---|---|---:|",
+        ]
+        for name, entry in evaluation["sets"].items():
+            cell = lambda r: f"{r['percent']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"  # noqa: E731
+            drift = f"{100 * entry['answer_drift']['tokens']:.1f}" if "answer_drift" in entry else "-"
+            lines.append(
+                f"| {name} | {entry['patched']['n']} | {entry['metric']} | {cell(entry['original'])} "
+                f"| {cell(entry['patched'])} | {drift} |"
+            )
+        if "utility" in evaluation:
+            u = evaluation["utility"]
+            lines += [
+                "",
+                f"Utility answer loss ({u['n']} pairs): original {u['original_loss']:.4f}, patched "
+                f"{u['patched_loss']:.4f} ({100 * u['relative_change']:+.2f} %).",
+            ]
+        lines.append("")
+    orth = report.get("orthogonality")
+    if orth:
+        s = orth["summary"]
+        lines += [
+            "## Orthogonality of the patch to the frozen weights (paper: below 0.1 for LoRA patches)",
+            "",
+            f"`||V_patch^T V_W||_2` over {s['modules']} modules: mean {s['spectral_mean']:.3f}, median "
+            f"{s['spectral_median']:.3f}, max {s['spectral_max']:.3f} (a random subspace's mean squared cosine: "
+            f"{s['random_baseline_mean']:.4f}; this patch's: {s['mean_squared_mean']:.4f}).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def build_report(
+    module: GuardSpaceLM,
+    datamodule: SafetyPatchDataModule,
+    patch_dir: Path,
+    settings: ReportSettings,
+    train_seconds: float,
+) -> dict[str, Any]:
+    """Load the saved patch onto a fresh original model and measure it (see the module docstring).
+
+    Args:
+        module: the trained module (its hyperparameters name the original model).
+        datamodule: the DataModule it was trained on (its held-out sets and cache).
+        patch_dir: the saved PEFT adapter.
+        settings: what to measure.
+        train_seconds: how long training took.
+    """
+    from guardspace_pl.loading import load_causal_lm
+    from guardspace_pl.patches import apply_patches
+
+    hp = module.hparams
+    report: dict[str, Any] = {
+        "patch": str(patch_dir),
+        "model": hp.model_name_or_path,
+        "data": datamodule.summary,
+        "training": {
+            "rank": hp.lora_rank,
+            "alpha": hp.lora_alpha,
+            "learning_rate": hp.learning_rate,
+            "target_modules": hp.target_modules,
+            "steps": module.trainer.global_step,
+            "epochs": module.trainer.current_epoch,
+            "seconds": train_seconds,
+            "final_train_loss": float(module.trainer.callback_metrics.get("train_loss", float("nan"))),
+        },
+    }
+    if not settings.enabled:
+        return report
+    start = time.perf_counter()
+    original = load_causal_lm(
+        hp.model_name_or_path, hp.gguf_file, hp.dtype, hp.attn_implementation, hp.trust_remote_code
+    )
+    if torch.cuda.is_available():
+        original = original.to("cuda")
+    patched = apply_patches(original, [patch_dir], mode="active")
+    weights, factors = patch_factors(patched)
+    modules = orthogonality_report(weights, factors)
+    report["orthogonality"] = {"summary": summarise_orthogonality(modules), "modules": modules}
+    tokenizer = datamodule.tokenizer
+    cache = (
+        Path(datamodule.hparams.cache_dir)
+        / f"answers-{model_key(hp.model_name_or_path, hp.gguf_file, hp.dtype)}-{settings.max_new_tokens}.json"
+    )
+    sets = datamodule.evaluation_sets()
+    utility = datamodule.utility_examples()
+    if sets or utility:
+        report["evaluation"] = evaluate_patch(patched, tokenizer, sets, utility, cache, settings)
+    report["report_seconds"] = time.perf_counter() - start
+    return report
+
+
+class AlignCLI(LightningCLI):
+    """``fit`` of ``GuardSpaceLM`` on a ``SafetyPatchDataModule``, then the patch's report and "
+    "optional merged export."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--output_dir",
+            type=str,
+            default="outputs/safety_patch",
+            help="Where the patch, report and merged model go.",
+        )
+        parser.add_argument(
+            "--kind",
+            type=Literal["adapter", "merged"],
+            default="adapter",
+            help="adapter: the PEFT adapter only; merged: also the original model with the patch merged in.",
+        )
+        parser.add_class_arguments(ReportSettings, "report")
+        parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.link_arguments("model.gguf_file", "data.gguf_file")
+        parser.link_arguments("model.dtype", "data.dtype")
+        parser.link_arguments(
+            "output_dir", "model.adapter_dir", compute_fn=lambda directory: str(Path(directory) / PATCH_SUBDIR)
+        )
+
+
+def run(cli: AlignCLI) -> Optional[dict[str, Any]]:
+    """Train, save, measure and (``--kind merged``) export; returns the report on global rank 0.
+
+    Args:
+        cli: a parsed :class:`AlignCLI` (``run=False``).
+    """
+    config = cli.config
+    output_dir = Path(config["output_dir"])
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    train_seconds = time.perf_counter() - start
+    if cli.trainer.global_rank != 0:
+        return None
+    patch_dir = Path(cli.model.saved_adapter_dir)
+    settings = ReportSettings(**config["report"])
+    report = build_report(cli.model, cli.datamodule, patch_dir, settings, train_seconds)
+    if config["kind"] == "merged":
+        from guardspace_pl.export import export_merged_model
+
+        report["merged"] = str(
+            export_merged_model(cli.model, output_dir / MERGED_SUBDIR, tokenizer=cli.datamodule.tokenizer)
+        )
+    write_json(output_dir / "report.json", report)
+    (output_dir / "report.md").write_text(format_report(report))
+    print(format_report(report))
+    print(f"Safety patch (PEFT adapter): {patch_dir}\nReport: {output_dir / 'report.json'}, {output_dir / 'report.md'}")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
+    """Command line: ``python -m guardspace_pl align --config FILE [--key value ...]``.
+
+    Args:
+        argv: the arguments after ``align`` (default: the process's).
+    """
+    cli = AlignCLI(
+        GuardSpaceLM,
+        SafetyPatchDataModule,
+        run=False,
+        args=list(argv) if argv is not None else None,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "python -m guardspace_pl align"},
+    )
+    return run(cli)
+
+
+__all__ = [
+    "AlignCLI",
+    "ReportSettings",
+    "build_report",
+    "evaluate_patch",
+    "format_report",
+    "main",
+    "patch_factors",
+    "rate",
+    "run",
+]

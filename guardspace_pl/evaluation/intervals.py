@@ -1,0 +1,45 @@
+"""Confidence intervals for rates measured on a finite prompt set."""
+
+from __future__ import annotations
+
+import math
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial rate, as fractions in [0, 1].
+
+    Better than the normal approximation near 0 and 1, where harmful scores and refusal rates live: 0 of 100 gives
+    (0, 0.037), not (0, 0).
+
+    Args:
+        successes: how many prompts counted (e.g. judged harmful).
+        trials: how many prompts were judged.
+        confidence: the interval's coverage (0.95 for 95 %).
+    """
+    if trials < 1:
+        raise ValueError(f"trials must be positive, got {trials}.")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must lie in [0, trials={trials}], got {successes}.")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
+    z = _normal_quantile(0.5 + confidence / 2)
+    rate = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (rate + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _normal_quantile(p: float) -> float:
+    """The standard normal quantile, by bisection on ``erf`` (exact to 1e-12; no scipy needed)."""
+    low, high = -10.0, 10.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+__all__ = ["wilson_interval"]

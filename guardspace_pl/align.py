@@ -281,8 +281,7 @@ def build_report(
 
 
 class AlignCLI(LightningCLI):
-    """``fit`` of ``GuardSpaceLM`` on a ``SafetyPatchDataModule``, then the patch's report and "
-    "optional merged export."""
+    """``fit`` of ``GuardSpaceLM`` on a ``SafetyPatchDataModule``, then the patch's report and merged export."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(

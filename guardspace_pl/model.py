@@ -181,6 +181,10 @@ class GuardSpaceLM(LightningModule):
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         self.model = get_peft_model(base, config)
+        # from_pretrained returns the model in eval mode; Lightning keeps each module's mode, so without this the
+        # base would train in eval mode (its dropout off) and Lightning warns about it. Trainer.validate/test switch
+        # to eval themselves.
+        self.model.train()
 
     @override
     def configure_model(self) -> None:

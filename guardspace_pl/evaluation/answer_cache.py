@@ -92,10 +92,21 @@ def cached_greedy_answers(
         for prompt, answer in zip(missing, answers):
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             finished = len(ids) <= max_new_tokens
-            text = answer if finished else tokenizer.decode(ids[:max_new_tokens], skip_special_tokens=True)
+            text = answer if finished else _cut(tokenizer, ids, max_new_tokens)
             stored[prompt] = OwnAnswer(prompt, text.strip(), finished)
         write_json(cache_file, [asdict(row) for row in stored.values()])
     return [stored[p] for p in prompts]
+
+
+def _cut(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_tokens: int) -> str:
+    """The text of at most ``max_tokens`` tokens: a cut inside a multi-byte character decodes to a replacement
+    character that re-encodes longer, so shorten until the text itself fits."""
+    keep = max_tokens
+    while True:
+        text = tokenizer.decode(ids[:keep], skip_special_tokens=True).strip()
+        if keep == 0 or len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_tokens:
+            return text
+        keep -= 1
 
 
 def missing_prompts(prompts: Sequence[str], cache_file: Path) -> list[str]:

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -57,7 +57,7 @@ class PromptSet:
     so that one file can feed a training set and a disjoint held-out set (same seed, non-overlapping ranges).
 
     Args:
-        source: where the prompts come from.
+        source: where the prompts come from (or None with ``prompts``).
         column: the prompt column (default: the first of ``prompt``, ``instruction``, ``goal``, ... present).
         label: keep only rows whose ``label`` column equals it (XSTest: ``safe`` or ``unsafe``).
         start: the first row taken, after shuffling.
@@ -65,25 +65,35 @@ class PromptSet:
         shuffle_seed: the shuffle's seed; None for file order.
         exclude: sources whose prompts are removed first (e.g. HarmBench minus refusal_direction's ``harmful_val``,
             which was drawn from it).
+        prompts: the prompts themselves, instead of a source (Python use: ``PromptSet(prompts=[...])``); the
+            selection (``start``, ``count``, ``shuffle_seed``) applies to them as to a file's rows.
     """
 
-    source: str
+    source: Optional[str] = None
     column: Optional[str] = None
     label: Optional[str] = None
     start: int = 0
     count: Optional[int] = None
     shuffle_seed: Optional[int] = 0
     exclude: Optional[list[str]] = None
+    prompts: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        if (self.source is None) == (self.prompts is None):
+            raise ValueError("A PromptSet needs exactly one of `source` (a file, builtin: or hub: name) and `prompts`.")
+        if isinstance(self.prompts, str):
+            raise TypeError("prompts must be a list of strings; for a file, pass it as `source`.")
 
     def load(self) -> list[str]:
         """The selected prompts (an error if the selection is empty)."""
         return select_prompts(
-            self.source, self.column, self.label, self.start, self.count, self.shuffle_seed, self.exclude
+            self.source or self.prompts, self.column, self.label, self.start, self.count, self.shuffle_seed,
+            self.exclude,
         )
 
 
 def select_prompts(
-    source: str,
+    source: Union[str, list[str]],
     column: Optional[str],
     label: Optional[str],
     start: int,
@@ -94,7 +104,7 @@ def select_prompts(
     """Load ``source``, drop the ``exclude`` sources' prompts, shuffle, take ``[start : start + count]``.
 
     Args:
-        source: see :class:`PromptSet`.
+        source: see :class:`PromptSet`; a list is the prompts themselves.
         column: see :class:`PromptSet`.
         label: see :class:`PromptSet`.
         start: see :class:`PromptSet`.
@@ -103,8 +113,11 @@ def select_prompts(
         exclude: see :class:`PromptSet`.
     """
     if start < 0 or (count is not None and count < 1):
-        raise ValueError(f"{source}: start must be >= 0 and count positive (or None), got {start}, {count}.")
-    prompts = load_prompts(source, column=column, label=label)
+        raise ValueError(f"Prompt selection: start must be >= 0 and count positive (or None), got {start}, {count}.")
+    if isinstance(source, list):
+        prompts, name = [p.strip() for p in source if p and p.strip()], f"{len(source)} given prompts"
+    else:
+        prompts, name = load_prompts(source, column=column, label=label), source
     if exclude:
         if isinstance(exclude, str):
             raise TypeError(f"exclude must be a list of sources; wrap the one source: [{exclude!r}].")
@@ -115,12 +128,12 @@ def select_prompts(
     chosen = prompts[start : None if count is None else start + count]
     if not chosen:
         raise ValueError(
-            f"{source} yields no prompts for start={start}, count={count} (it has {len(prompts)} "
+            f"{name}: no prompts for start={start}, count={count} (it has {len(prompts)} "
             "after the label filter "
             f"{label!r} and the exclusions): lower start or check the source."
         )
     if count is not None and len(chosen) < count:
-        rank_zero_info(f"{source}: asked for {count} prompts from {start}, only {len(chosen)} are left.")
+        rank_zero_info(f"{name}: asked for {count} prompts from {start}, only {len(chosen)} are left.")
     return chosen
 
 

@@ -30,9 +30,18 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from guardspace_pl.datamodules import Example, check_disjoint, collate, demo_arithmetic, tokenize_example
+from guardspace_pl.datamodules import (
+    Example,
+    PromptSet,
+    SafetyPatchDataModule,
+    check_disjoint,
+    collate,
+    demo_arithmetic,
+    tokenize_example,
+)
 from guardspace_pl.datamodules.sources import builtin_prompts
 from guardspace_pl.evaluation import KeywordRefusalJudge, generate_responses, teacher_forced_loss
+from guardspace_pl.evaluation.answer_cache import cached_greedy_answers
 from guardspace_pl.io import write_json
 from guardspace_pl.loading import load_causal_lm, load_tokenizer
 
@@ -142,6 +151,24 @@ def fine_tune(
     return module
 
 
+def fit_patch(
+    model: str, data: SafetyPatchDataModule, learning_rate: float, epochs: int, rank: int, root: Path, adapter_dir: Path, seed: int = 0
+):
+    """Train the safety patch as ``align`` does (``GuardSpaceLM`` on a ``SafetyPatchDataModule``, a real Trainer)."""
+    from guardspace_pl import GuardSpaceLM
+
+    pl.seed_everything(seed, verbose=False)
+    module = GuardSpaceLM(
+        model, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0, adapter_dir=str(adapter_dir)
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        default_root_dir=str(root), num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    return module
+
+
 def evaluate(model, tokenizer, prompts: DemoPrompts, task: Sequence[Example], max_new_tokens: int) -> dict[str, Any]:
     """Harmful score per source and pooled, over-refusal, task answer loss: the keyword judge, greedy decoding."""
     judge = KeywordRefusalJudge()
@@ -231,23 +258,25 @@ def demo(
     def log(message: str) -> None:
         print(f"[demo {time.perf_counter() - start:5.0f}s] {message}", flush=True)
 
-    # 1. the safety patch (cached by settings)
+    # 1. the safety patch, made by the library's align workflow: SafetyPatchDataModule + GuardSpaceLM (cached)
     patch_dir = out / "safety_patch"
     patch_key = {k: settings[k] for k in ("model", "patch_harmful", "patch_epochs", "patch_rank", "patch_learning_rate", "answer_tokens", "seed")}
     original = load_causal_lm(model)
-    own_answers: Optional[list[str]] = None
+    data = SafetyPatchDataModule(
+        model, harmful=[PromptSet(prompts=prompts.patch_harmful, shuffle_seed=None)],
+        harmless=[PromptSet(prompts=prompts.patch_harmless, shuffle_seed=None)], refusals=list(REFUSALS),
+        answer_tokens=answer_tokens, cache_dir=str(out / "cache" / "own_answers"), max_length=128, batch_size=8, seed=seed,
+    )
+    data.tokenizer = tokenizer
     stamp = patch_dir / "demo_settings.json"
     if not (stamp.exists() and json.loads(stamp.read_text()) == patch_key):
         log(f"training the safety patch ({len(prompts.patch_harmful)} refusals, {len(prompts.patch_harmless)} of the model's own answers)")
-        own_answers = greedy_answers(original, tokenizer, prompts.patch_harmless + prompts.poison, answer_tokens)
-        judge = KeywordRefusalJudge()
-        rng = random.Random(seed)
-        examples = [Example(p, rng.choice(REFUSALS)) for p in prompts.patch_harmful]
-        examples += [Example(p, a) for p, a in zip(prompts.patch_harmless, own_answers) if a and not judge.is_refusal(a)]
-        fine_tune(load_causal_lm(model), tokenizer, examples, patch_learning_rate, patch_epochs, patch_rank, out / "logs" / "patch", patch_dir, seed=seed)
-        write_json(patch_dir / "poison_answers.json", own_answers[len(prompts.patch_harmless) :])
+        data.own_answers(original)  # generated once, cached on disk
+        fit_patch(model, data, patch_learning_rate, patch_epochs, patch_rank, out / "logs" / "patch", patch_dir, seed=seed)
         write_json(stamp, patch_key)
-    poison_answers = json.loads((patch_dir / "poison_answers.json").read_text())
+    poison_answers = [
+        a.answer for a in cached_greedy_answers(original, tokenizer, prompts.poison, answer_tokens, data.answer_cache_file, show_progress=False)
+    ]
     aligned_dir = out / "aligned_model"
     aligned_state = _merged_state(model, patch_dir, aligned_dir, tokenizer)
     log(f"safety patch: {patch_dir}; patched model: {aligned_dir}")
@@ -291,9 +320,9 @@ def demo(
 
 def _merged_state(model: str, patch_dir: Path, target: Path, tokenizer) -> dict[str, torch.Tensor]:
     """The original model's weights with the patch merged in, also saved to ``target`` (the fine-tunes' base)."""
-    from peft import PeftModel
+    from guardspace_pl.patches import apply_patches
 
-    patched = PeftModel.from_pretrained(load_causal_lm(model), str(patch_dir)).merge_and_unload()
+    patched = apply_patches(load_causal_lm(model), [patch_dir], mode="merged")
     patched.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
     return {k: v.detach().clone() for k, v in patched.state_dict().items()}

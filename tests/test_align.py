@@ -126,10 +126,21 @@ def test_exclude_and_ranges_select_disjoint_prompts(prompt_files):
     assert len(first) == 4 and len(rest) == len(HARMFUL) - 4 and not set(first) & set(rest)
     without_contrast = PromptSet(prompt_files["harmful"], exclude=[prompt_files["contrast"]]).load()
     assert sorted(without_contrast) == sorted(HARMFUL)  # nothing in common: nothing removed
-    with pytest.raises(ValueError, match="yields no prompts"):
+    with pytest.raises(ValueError, match="no prompts for start"):
         PromptSet(prompt_files["harmful"], exclude=[prompt_files["harmful"]]).load()
     with pytest.raises(TypeError, match="list of sources"):
         PromptSet(prompt_files["harmful"], exclude=prompt_files["contrast"]).load()
+
+
+def test_prompt_sets_from_python_lists():
+    chosen = PromptSet(prompts=HARMFUL, count=3, shuffle_seed=None).load()
+    assert chosen == HARMFUL[:3]
+    with pytest.raises(ValueError, match="exactly one of"):
+        PromptSet()
+    with pytest.raises(ValueError, match="exactly one of"):
+        PromptSet("file.txt", prompts=HARMFUL)
+    with pytest.raises(TypeError, match="list of strings"):
+        PromptSet(prompts="how do i build a bomb")
 
 
 def test_own_answers_are_generated_once_and_cached(tiny_dir, prompt_files, tmp_path, monkeypatch):

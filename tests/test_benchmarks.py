@@ -27,7 +27,7 @@ def test_llama7b_gpu_benchmark_runs_at_the_cpu_shape(tmp_path):
     assert setup["subspace_init_seconds"] > 0 and setup["null_space_seconds"] > 0 and setup["calibration_tokens"] == 32 * 32
     assert 0.0 <= setup["null_fraction_range"][0] <= setup["null_fraction_range"][1] <= 1.0
     designs = {row["design"]: row for row in result["designs"]}
-    assert list(designs) == ["lora", "guardspace", "guardspace_half_null", "official_dense_P"]
+    assert list(designs) == ["lora", "guardspace", "guardspace_half_null", "official_dense_P", "spf", "asft"]
     assert designs["lora"]["time_ratio_vs_lora"] == 1.0 and designs["lora"]["projector_bytes"] == 0
     # Stored bases at d = n/2 hold n^2/2 floats per distinct input; the official design n^2 per module.
     assert 0 < designs["guardspace_half_null"]["projector_bytes"] < designs["official_dense_P"]["projector_bytes"]

@@ -21,11 +21,11 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
-from guardspace_pl.datamodules import Example, collate
+from guardspace_pl.datamodules import Example, collate, tokenize_example
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from benchmarks.safety.align import precision_for, trainer, training_rows
+from benchmarks.safety.align import precision_for
 from benchmarks.safety.evaluation import evaluate_model
 from benchmarks.safety.profiles import METHODS, Profile, variant_name
 from benchmarks.safety.splits import Splits, check_disjoint
@@ -34,6 +34,14 @@ from guardspace_pl.io import write_json
 from guardspace_pl.loading import load_causal_lm
 
 CALIBRATION_FORMAT = {"raw": "raw", "template": "chat_template"}
+
+
+def trainer(root: Path, precision: str, **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=1, precision=precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+        num_sanity_val_steps=0, **kwargs,
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ def run_attack(
     parts = METHODS[spec.method]
     start = time.perf_counter()
     examples, num_poison = training_examples(splits, poison, profile, spec.p, spec.seed)
-    rows = training_rows(tokenizer, [(e, True) for e in examples], profile.max_length)
+    rows = [tokenize_example(tokenizer, e, "chat_template", profile.max_length) for e in examples]
     pl.seed_everything(spec.seed, verbose=False)
     loader = DataLoader(
         rows, batch_size=profile.batch_size, shuffle=True, generator=torch.Generator().manual_seed(spec.seed),

@@ -117,9 +117,9 @@ def main(argv=None) -> None:
         log("evaluating the original (unaligned) model")
         write_json(baselines / "original.json", evaluate_model(original, tokenizer, splits, profile, device))
     log("poison answers from the original model")
-    poison = poison_pairs(original, tokenizer, splits, profile, cache / "poison_answers.json")
+    poison = poison_pairs(original, tokenizer, splits, profile, cache / f"poison_answers-{profile.poison_answer_tokens}.json")
     log("alignment (LoRA refusal patch, merged)")
-    aligned_dir, alignment = align(original_dir, tokenizer, original, splits, profile, cache)
+    aligned_dir, alignment = align(original_dir, tokenizer, splits, profile, cache)
     header["alignment"] = alignment
     log(f"aligned model at {repo_relative(aligned_dir)} ({alignment['seconds']:.0f}s)")
     del original

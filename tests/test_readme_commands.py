@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -28,7 +29,11 @@ SMALL = {
         "--trainer.max_steps 2 --data.num_task_samples 24 --data.calibration_count 8 --trainer.val_check_interval 1"
     ),
     "python -m guardspace_pl test": "--data.eval_count 2 --model.eval_max_new_tokens 4",
-    "python -m guardspace_pl align": "--trainer.max_steps 2",
+    "python -m guardspace_pl align": (
+        "--trainer.max_steps 2 --report.enabled false --data.answer_tokens 8 "
+        "--data.harmless '[{source: ../shared/data/refusal_direction/harmless_train.json, count: 8}]' "
+        "--data.borderline '[{source: ../shared/data/xstest/xstest_prompts.csv, label: safe, count: 4}]'"
+    ),
     "python -m guardspace_pl repair --method lssf": "--anchor-count 4",
 }
 
@@ -54,13 +59,17 @@ def test_the_readme_shows_its_commands():
 
 @pytest.mark.slow
 def test_every_readme_command_runs(tmp_path):
-    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    # A checkout beside ../shared/data, as the configs expect (the data from GUARDSPACE_DATA when it is set).
+    checkout = tmp_path / "repo"
+    shutil.copytree(ROOT / "configs", checkout / "configs")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(require_shared_data().resolve())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for command in readme_commands():
         extra = next((small for prefix, small in SMALL.items() if command.startswith(prefix) and "--print_config" not in command), "")
         args = shlex.split(command) + shlex.split(extra)
         assert args[0] == "python"
-        result = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run([sys.executable, *args[1:]], cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         if command.startswith("python -m guardspace_pl demo"):
             assert "fine-tuned: plain LoRA" in result.stdout and "keyword judge" in result.stdout

@@ -55,6 +55,25 @@ def test_lowrank_svd_matches_exact_subspace():
     assert projector_gap.abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("shape", [(8, 300), (300, 8)])  # LoRA A (r x n) and B (m x r)
+def test_thin_gradients_take_the_gram_route_with_the_svds_result(shape):
+    g = torch.Generator().manual_seed(7)
+    safety = torch.randn(*shape, generator=g) * torch.linspace(4, 0.2, min(shape)).reshape(
+        (-1, 1) if shape[0] < shape[1] else (1, -1)
+    )
+    gram = safety_subspace(safety, 0.9, 6)
+    u, s, vh = torch.linalg.svd(safety.double(), full_matrices=False)
+    k = gram.rank
+    assert k == cer_rank(s, 0.9, 6) > 1
+    assert gram.u.dtype == torch.float32 and gram.u.shape == (shape[0], k) and gram.v.shape == (shape[1], k)
+    torch.testing.assert_close(gram.s.double(), s[:k], rtol=1e-5, atol=1e-6)
+    # The same singular directions up to sign: U and V orthonormal, and U diag(S) V^T the same rank-k matrix.
+    torch.testing.assert_close(gram.u.T @ gram.u, torch.eye(k), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gram.v.T @ gram.v, torch.eye(k), atol=1e-5, rtol=0)
+    rank_k = (u[:, :k] * s[:k]) @ vh[:k]
+    torch.testing.assert_close((gram.u * gram.s) @ gram.v.T, rank_k.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_zero_safety_gradient_gives_empty_subspace():
     subspace = safety_subspace(torch.zeros(4, 3))
     assert subspace.rank == 0

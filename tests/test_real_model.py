@@ -46,3 +46,42 @@ def test_guardspace_training_step_on_the_real_model(tmp_path, shared_data):
     with torch.no_grad():
         error = relative_error(module.model(input_ids=ids).logits, original(input_ids=ids).logits)
     assert error < 2e-2  # threshold 1e-3 keeps the span up to singular-value ratio ~3e-2
+
+
+@pytest.mark.slow
+def test_spf_and_asft_train_the_real_model_against_a_safety_patch(tmp_path, shared_data):
+    """SmolLM2 with both training-time methods: AsFT reads a safety patch (a PEFT adapter on all seven
+    projections), SPF a harmful prompt + refusal; two real optimizer steps."""
+    from peft import LoraConfig, get_peft_model
+
+    from guardspace_pl.callbacks import AsFTRegularizer, SafetyGradientProjection
+
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(0)
+    patch_model = get_peft_model(load_causal_lm("builtin:smollm2-135m-instruct"),
+                                 LoraConfig(r=4, lora_alpha=8, target_modules=projections))
+    with torch.no_grad():
+        for name, param in patch_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    patch_model.save_pretrained(str(tmp_path / "patch"))
+
+    datamodule = GuardSpaceDataModule(
+        tokenizer="builtin:smollm2-135m-instruct", task=str(shared_data / "gsm8k" / "train.jsonl"), num_task_samples=8,
+        max_length=256, batch_size=4,
+    )
+    module = GuardSpaceLM(model_name_or_path="builtin:smollm2-135m-instruct", lora_rank=4, lora_alpha=8,
+                          learning_rate=1e-3, warmup_ratio=0.0, target_modules=projections)
+    asft = AsFTRegularizer(str(tmp_path / "patch"), regularization_weight=1.0)
+    spf = SafetyGradientProjection(
+        safety_samples=[("How do I build a pipe bomb at home?", "I'm sorry, but I can't help with that.")], max_length=64
+    )
+    trainer = pl.Trainer(max_steps=2, callbacks=[asft, spf], **trainer_kwargs(tmp_path))
+    trainer.fit(module, datamodule=datamodule)
+
+    assert len(asft._factors) == 30 * 7  # every trained layer regularised against the patch's alignment vector
+    assert asft.last_value is not None and asft.last_value > 0  # lora_B moved off zero in step 1
+    assert spf.safety_passes == 2  # refresh_every=1: one safety gradient per optimizer step
+    assert spf.subspaces and all(s.rank <= 10 for s in spf.subspaces.values())
+    assert spf.last_metrics["spf/cosine_after"] >= -1e-4  # no conflict left after the edit
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])

@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--out", required=True)
     parser.add_argument("--model-dir", help="load this checkpoint in configure_model (rank 0 only under FSDP2)")
+    parser.add_argument("--asft-patch", help="train with AsFTRegularizer against this safety-patch adapter")
     args = parser.parse_args()
 
     pl.seed_everything(0)
@@ -74,6 +75,10 @@ def main() -> None:
                 NULL_PROMPTS, tokenizer, progress_bar=False, batch_size=1, threshold=1e-10, min_eigenvalue=1e-12, covariance_dtype="float64"
             ),
         ]
+    if args.asft_patch:
+        from guardspace_pl.callbacks import AsFTRegularizer
+
+        callbacks.append(AsFTRegularizer(args.asft_patch, regularization_weight=10.0))
     global_batch = 4
     if args.processes > 1:
         strategy = ModelParallelStrategy(data_parallel_size=args.processes, tensor_parallel_size=1)

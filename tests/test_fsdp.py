@@ -10,13 +10,17 @@ import torch
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def run_worker(tmp_path: Path, processes: int, guardspace: bool, model_dir: str | None = None) -> list[dict]:
-    out = tmp_path / f"p{processes}{'-gs' if guardspace else ''}{'-dir' if model_dir else ''}"
+def run_worker(
+    tmp_path: Path, processes: int, guardspace: bool, model_dir: str | None = None, asft_patch: str | None = None
+) -> list[dict]:
+    out = tmp_path / f"p{processes}{'-gs' if guardspace else ''}{'-dir' if model_dir else ''}{'-asft' if asft_patch else ''}"
     command = [sys.executable, str(WORKER), "--processes", str(processes), "--out", str(out)]
     if guardspace:
         command.append("--guardspace")
     if model_dir:
         command += ["--model-dir", model_dir]
+    if asft_patch:
+        command += ["--asft-patch", asft_patch]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=WORKER.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}.pt") for r in range(processes)]
@@ -43,6 +47,33 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, guardspace):
     assert_same_weights(single, rank0, rtol=1e-3 if guardspace else 1e-4)
     moved = [single[n] for n in single if "lora_B" in n]
     assert max(t.abs().max() for t in moved) > 1e-3  # training did happen
+
+
+@pytest.mark.slow
+def test_asft_under_two_process_fsdp2_matches_one_process(tmp_path):
+    """AsFT adds its analytic gradient to each rank's shard of lora_A/lora_B: the result equals one process."""
+    from peft import LoraConfig, get_peft_model
+
+    from guardspace_pl.testing import tiny_llama
+
+    torch.manual_seed(1)
+    patch = get_peft_model(tiny_llama(), LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ))
+    with torch.no_grad():
+        for name, param in patch.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    patch.save_pretrained(str(tmp_path / "patch"))
+    (single,) = run_worker(tmp_path, 1, False, asft_patch=str(tmp_path / "patch"))
+    rank0, rank1 = run_worker(tmp_path, 2, False, asft_patch=str(tmp_path / "patch"))
+    (plain,) = run_worker(tmp_path, 1, False)
+    assert bool(rank0["__sharded__"])
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"ranks disagree on {name}"
+    assert_same_weights(single, rank0, rtol=1e-4)
+    # The regulariser did act: AsFT's adapters differ from plain LoRA's.
+    assert any(not torch.allclose(single[n], plain[n], atol=1e-6) for n in single if "lora_B" in n)
 
 
 @pytest.mark.slow

@@ -138,36 +138,27 @@ def select_prompts(
 
 
 @dataclass(frozen=True)
-class EvaluationSet:
+class EvaluationSet(PromptSet):
     """A held-out prompt set for the patch's report: ``harmful`` (harmful score) or ``safe`` (over-refusal).
 
     Args:
         source: as :class:`PromptSet`.
-        kind: ``harmful`` or ``safe``.
         column: as :class:`PromptSet`.
         label: as :class:`PromptSet`.
         start: as :class:`PromptSet`.
         count: as :class:`PromptSet`.
         shuffle_seed: as :class:`PromptSet`.
         exclude: as :class:`PromptSet`.
+        prompts: as :class:`PromptSet`.
+        kind: ``harmful`` or ``safe`` (required).
     """
 
-    source: str
-    kind: Literal["harmful", "safe"]
-    column: Optional[str] = None
-    label: Optional[str] = None
-    start: int = 0
-    count: Optional[int] = None
-    shuffle_seed: Optional[int] = 0
-    exclude: Optional[list[str]] = None
+    kind: Optional[Literal["harmful", "safe"]] = None
 
-    def load(self) -> list[str]:
-        """The selected prompts."""
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.kind not in ("harmful", "safe"):
             raise ValueError(f"Evaluation set kind must be 'harmful' or 'safe', got {self.kind!r}.")
-        return select_prompts(
-            self.source, self.column, self.label, self.start, self.count, self.shuffle_seed, self.exclude
-        )
 
 
 def _as_prompt_sets(value: Any, role: str) -> list[PromptSet]:

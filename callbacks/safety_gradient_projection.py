@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from guardspace_pl.datamodules import collate, tokenize_example
 from guardspace_pl.datamodules.sources import Example
+from guardspace_pl.distributed import full_tensor, write_full_
 from guardspace_pl.spf import SafetySubspace, check_spf_settings, remove_conflict, safety_subspace, subspace_inner
 
 from .base import LoraCallback, find_causal_lm, resolve_tokenizer
@@ -29,7 +30,8 @@ class SafetyGradientProjection(LoraCallback):
     ``on_before_optimizer_step`` (gradients accumulated, unscaled, not yet clipped), every ``refresh_every``
     optimizer steps the safety loss ``L_s = -log p(refusal | harmful prompt)`` (response tokens only, chat template)
     is differentiated with ``torch.autograd.grad`` at the current weights (dropout off, the training autocast;
-    ``.grad`` untouched). For each trainable 2-D parameter its gradient ``G_s`` is truncated to ``U_k diag(S_k)
+    ``.grad`` untouched; FSDP2-sharded parameters take a backward into ``.grad`` with the utility gradients set
+    aside and restored, and every rank edits its own rows of the gathered gradient). For each trainable 2-D parameter its gradient ``G_s`` is truncated to ``U_k diag(S_k)
     V_k^T``, ``k = min(k_max, smallest k with CER >= cer)``, and cached. Every step, a utility gradient with
     ``<G_u, G_s^(k)> < 0`` becomes ``G_u - U_k (U_k^T G_u V_k) V_k^T``. Works on LoRA factors and on full
     fine-tuning (``torch.svd_lowrank`` above ``lowrank_above``).
@@ -133,12 +135,6 @@ class SafetyGradientProjection(LoraCallback):
         self._params = [(n, p) for n, p in lm.named_parameters() if p.requires_grad and p.ndim == 2]
         if not self._params:
             raise ValueError("SafetyGradientProjection found no trainable matrix (2-D parameter) to protect.")
-        if any(isinstance(p, DTensor) for _, p in self._params):
-            raise NotImplementedError(
-                "SafetyGradientProjection does not support sharded (FSDP2) parameters yet: the safety gradient is "
-                "taken with torch.autograd.grad, which FSDP2's sharded parameters do not support. Use a single device "
-                "or DDP."
-            )
 
     @torch.no_grad()
     def refresh(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -151,18 +147,23 @@ class SafetyGradientProjection(LoraCallback):
         lm = find_causal_lm(pl_module)
         device = self._params[0][1].device
         batch = {k: v.to(device) for k, v in self._batch.items()}
+        params = [p for _, p in self._params]
         was_training = lm.training
         lm.eval()  # dropout off: the safety gradient of the model itself, not of a random sub-network
         try:
             with torch.enable_grad(), trainer.precision_plugin.forward_context():
                 loss = lm(**batch).loss
-            grads = torch.autograd.grad(loss, [p for _, p in self._params], allow_unused=True)
+                if any(isinstance(p, DTensor) for p in params):
+                    grads = _sharded_safety_grads(loss, params)
+                else:
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             lm.train(was_training)
         self.safety_passes += 1
         self.subspaces = {
             name: safety_subspace(
-                grad if grad is not None else torch.zeros_like(param), self.cer, self.k_max, self.lowrank_above
+                grad if grad is not None else torch.zeros_like(full_tensor(param)), self.cer, self.k_max,
+                self.lowrank_above,
             )
             for (name, param), grad in zip(self._params, grads)
         }
@@ -176,17 +177,18 @@ class SafetyGradientProjection(LoraCallback):
         conflicts, before, after = 0, [], []
         with torch.no_grad():
             for name, param in self._params:
-                grad = param.grad
                 subspace = self.subspaces.get(name)
-                if grad is None or subspace is None or subspace.rank == 0:
+                if param.grad is None or subspace is None or subspace.rank == 0:
                     continue
+                grad = full_tensor(param.grad)  # under FSDP2 the whole gradient, identical on every rank
                 subspace = self.subspaces[name] = subspace.to(grad.device)
                 scale = grad.double().norm().item() * subspace.s.double().norm().item()
                 inner = subspace_inner(grad, subspace).item()
                 edited, conflicted = remove_conflict(grad, subspace)
                 if conflicted:
                     conflicts += 1
-                    grad.copy_(edited)
+                    grad = edited
+                    write_full_(param.grad, edited)  # each rank keeps its own rows
                 before.append(inner / scale if scale > 0 else 0.0)
                 after_scale = grad.double().norm().item() * subspace.s.double().norm().item()
                 after.append(subspace_inner(grad, subspace).item() / after_scale if after_scale > 0 else 0.0)
@@ -207,6 +209,27 @@ class SafetyGradientProjection(LoraCallback):
         super().load_state_dict(state_dict)
         # A resume between refreshes must gate with the subspace the uninterrupted run would have cached.
         self.subspaces = {n: SafetySubspace(s["u"], s["s"], s["v"]) for n, s in state_dict.get("subspaces", {}).items()}
+
+
+def _sharded_safety_grads(loss: Tensor, params: Sequence[nn.Parameter]) -> list[Optional[Tensor]]:
+    """The full safety gradient of FSDP2-sharded parameters, on every rank, with their ``.grad`` left as it was.
+
+    ``torch.autograd.grad`` cannot reach sharded parameters (FSDP2 computes with all-gathered copies and
+    reduce-scatters into ``.grad`` in its post-backward hooks), so the utility gradients are set aside, the safety
+    loss goes through a normal ``backward`` (every rank runs the same safety batch, so FSDP2's averaging
+    reduce-scatter gives each rank its shard of that one gradient), the shards are gathered, and the utility
+    gradients are put back.
+    """
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward()
+        grads = [None if p.grad is None else full_tensor(p.grad).detach().clone() for p in params]
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+    return grads
 
 
 def _as_example(sample: Any) -> Example:

@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--model-dir", help="load this checkpoint in configure_model (rank 0 only under FSDP2)")
     parser.add_argument("--asft-patch", help="train with AsFTRegularizer against this safety-patch adapter")
+    parser.add_argument("--spf", action="store_true", help="train with SafetyGradientProjection")
     args = parser.parse_args()
 
     pl.seed_everything(0)
@@ -79,6 +80,11 @@ def main() -> None:
         from guardspace_pl.callbacks import AsFTRegularizer
 
         callbacks.append(AsFTRegularizer(args.asft_patch, regularization_weight=10.0))
+    if args.spf:
+        from guardspace_pl.callbacks import SafetyGradientProjection
+
+        spf = SafetyGradientProjection([("how do i build a bomb", "I can't help with that.")], tokenizer, k_max=2)
+        callbacks.append(spf)
     global_batch = 4
     if args.processes > 1:
         strategy = ModelParallelStrategy(data_parallel_size=args.processes, tensor_parallel_size=1)
@@ -101,6 +107,9 @@ def main() -> None:
     weights.update({name: b.detach().clone() for name, b in module.model.named_buffers()})  # e.g. rotary frequencies
     weights["__sharded__"] = torch.tensor(all(isinstance(p, DTensor) for p in module.model.parameters()))
     weights["__checkpoint_reads__"] = torch.tensor(len(checkpoint_reads))
+    if args.spf:
+        weights["__spf_passes__"] = torch.tensor(spf.safety_passes)
+        weights["__spf_conflicts__"] = torch.tensor(spf.last_metrics["spf/conflicts"])
     torch.save(weights, f"{args.out}.rank{trainer.global_rank}.pt")
 
 

@@ -11,9 +11,11 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def run_worker(
-    tmp_path: Path, processes: int, guardspace: bool, model_dir: str | None = None, asft_patch: str | None = None
+    tmp_path: Path, processes: int, guardspace: bool, model_dir: str | None = None, asft_patch: str | None = None,
+    spf: bool = False,
 ) -> list[dict]:
-    out = tmp_path / f"p{processes}{'-gs' if guardspace else ''}{'-dir' if model_dir else ''}{'-asft' if asft_patch else ''}"
+    tags = f"{'-gs' if guardspace else ''}{'-dir' if model_dir else ''}{'-asft' if asft_patch else ''}{'-spf' if spf else ''}"
+    out = tmp_path / f"p{processes}{tags}"
     command = [sys.executable, str(WORKER), "--processes", str(processes), "--out", str(out)]
     if guardspace:
         command.append("--guardspace")
@@ -21,6 +23,8 @@ def run_worker(
         command += ["--model-dir", model_dir]
     if asft_patch:
         command += ["--asft-patch", asft_patch]
+    if spf:
+        command.append("--spf")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=WORKER.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}.pt") for r in range(processes)]
@@ -74,6 +78,20 @@ def test_asft_under_two_process_fsdp2_matches_one_process(tmp_path):
     assert_same_weights(single, rank0, rtol=1e-4)
     # The regulariser did act: AsFT's adapters differ from plain LoRA's.
     assert any(not torch.allclose(single[n], plain[n], atol=1e-6) for n in single if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_spf_under_two_process_fsdp2_matches_one_process(tmp_path):
+    """SPF's safety gradient of sharded parameters (a backward into .grad, gathered) and its edit of each rank's
+    shard give the weights of one process."""
+    (single,) = run_worker(tmp_path, 1, False, spf=True)
+    rank0, rank1 = run_worker(tmp_path, 2, False, spf=True)
+    assert bool(rank0["__sharded__"])
+    assert int(single["__spf_passes__"]) == int(rank0["__spf_passes__"]) == 4  # one safety gradient per step
+    assert int(rank0["__spf_conflicts__"]) > 0  # the edit itself ran on the shards
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"ranks disagree on {name}"
+    assert_same_weights(single, rank0, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -92,6 +92,10 @@ def variant_config(name: str, evaluation: dict[str, Any]) -> dict[str, Any]:
     config["data"]["cache_dir"] = str(OUT / "cache")
     config["output_dir"] = str(OUT / "runs" / name)
     config["trainer"]["default_root_dir"] = str(OUT / "runs" / name)
+    # A text progress bar that shows in the run's log file (the rich bar draws only on a terminal).
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 5}}
+    ]
     return config
 
 

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from guardspace_pl.lssf import ATTENTION_MLP_PATTERN, LssfReport, apply_lssf, check_lssf_settings, collect_anchor_covariances
+from guardspace_pl.lssf import ATTENTION_MLP_PATTERN, LssfReport, check_lssf_settings, fuse_lssf_by_block
 from guardspace_pl.prompts import PromptFormat
 from guardspace_pl.safety_reference import SafetyReference
 
@@ -108,11 +108,10 @@ class LSSFFusion(LoraCallback):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         targets = self.lora_targets(pl_module)
         tokenizer = resolve_tokenizer(self.tokenizer, trainer, pl_module)
-        covariances, _ = collect_anchor_covariances(
-            find_causal_lm(pl_module), targets, tokenizer, self.anchor_prompts, self.max_new_tokens, self.batch_size, self.prompt_format
-        )
-        self.report = apply_lssf(
-            targets, self.reference, covariances, self.alpha, self.eta, self.a1, self.module_pattern, len(self.anchor_prompts)
+        # One decoder block's anchor covariances at a time (all of a 7B model's at once outgrow the model itself).
+        self.report, _ = fuse_lssf_by_block(
+            find_causal_lm(pl_module), targets, self.reference, tokenizer, self.anchor_prompts, self.alpha, self.eta,
+            self.a1, self.module_pattern, self.max_new_tokens, self.batch_size, self.prompt_format,
         )
         write_json(default_output_path(trainer, "lssf.json", self.report_path), self.report.to_dict())
         rank_zero_info(self.report.summary())

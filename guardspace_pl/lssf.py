@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -433,6 +434,15 @@ def apply_lssf(
         module_pattern: LSSF acts on layers whose Hugging Face module name matches it (attention and MLP).
         num_anchor_prompts: for the report.
     """
+    chosen_ids, covered = _lssf_layers(targets, reference, alpha, eta, a1, module_pattern)
+    modules = _fuse_layers(targets, chosen_ids, covered, reference, covariances, alpha, eta, a1)
+    return _finish_report(modules, alpha, eta, a1, num_anchor_prompts)
+
+
+def _lssf_layers(
+    targets: Sequence[LoraTarget], reference: SafetyReference, alpha: float, eta: float, a1: float, module_pattern: str
+) -> tuple[set[int], set[int]]:
+    """The ids of the layers LSSF acts on (``module_pattern``) and of those the reference covers; errors first."""
     check_lssf_settings(alpha, eta, a1, module_pattern)
     pattern = re.compile(module_pattern)
     chosen = [t for t in targets if pattern.search("." + t.hf_name + ".")]
@@ -442,8 +452,30 @@ def apply_lssf(
             "on attention and MLP linears. Pass a pattern that matches your model's module names."
         )
     covered = {id(t) for t in reference.check_targets(chosen)}
-    chosen_ids = {id(t) for t in chosen}
-    lacking = [t.name for t in chosen if id(t) in covered and t.name not in covariances]
+    return {id(t) for t in chosen}, covered
+
+
+def _finish_report(modules: list[LssfModule], alpha: float, eta: float, a1: float, num_anchor_prompts: int) -> LssfReport:
+    report = LssfReport(float(alpha), float(eta), float(a1), int(num_anchor_prompts), modules)
+    if not report.fused_names:
+        raise ValueError("LSSF fused no layer: every layer has a zero safety vector or a zero anchor spectrum.")
+    if alpha == 0:
+        warnings.warn("LSSF with alpha = 0 leaves the model unchanged.", stacklevel=3)
+    return report
+
+
+def _fuse_layers(
+    targets: Sequence[LoraTarget],
+    chosen_ids: set[int],
+    covered: set[int],
+    reference: SafetyReference,
+    covariances: Mapping[str, Tensor],
+    alpha: float,
+    eta: float,
+    a1: float,
+) -> list[LssfModule]:
+    """Fold the term into each chosen, covered layer of ``targets`` (in place); one outcome per layer."""
+    lacking = [t.name for t in targets if id(t) in chosen_ids and id(t) in covered and t.name not in covariances]
     if lacking:  # checked before anything is written
         raise ValueError(f"No anchor covariance for {lacking[:3]}: the anchor forward did not reach these layers.")
     roots: dict[int, Tensor] = {}
@@ -473,9 +505,77 @@ def apply_lssf(
         target.write(weight=(weight.double() + fold.dense()).to(weight.dtype))
         modules.append(LssfModule(target.hf_name, fold.rank, fold.entropy_ratio, fold.num_singular_values, fold.norm(), fold.inner_rank))
         del delta, fold
-    report = LssfReport(float(alpha), float(eta), float(a1), int(num_anchor_prompts), modules)
-    if not report.fused_names:
-        raise ValueError("LSSF fused no layer: every layer has a zero safety vector or a zero anchor spectrum.")
-    if alpha == 0:
-        warnings.warn("LSSF with alpha = 0 leaves the model unchanged.", stacklevel=2)
-    return report
+    return modules
+
+
+def _decoder_block(target: LoraTarget) -> int:
+    """The index of the decoder block holding ``target`` (``...layers.<i>...``); past every block otherwise."""
+    match = re.search(r"\.layers\.(\d+)\.", "." + target.hf_name + ".")
+    return int(match.group(1)) if match else sys.maxsize
+
+
+@torch.no_grad()
+def fuse_lssf_by_block(
+    model: nn.Module,
+    targets: Sequence[LoraTarget],
+    reference: SafetyReference,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    alpha: float = 1.0,
+    eta: float = 0.9,
+    a1: float = 1.0,
+    module_pattern: str = ATTENTION_MLP_PATTERN,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    prompt_format: str = "chat_template",
+) -> tuple[LssfReport, list[str]]:
+    """:func:`collect_anchor_covariances` + :func:`apply_lssf`, one decoder block at a time: the same result, with
+    only one block's anchor covariances in memory (all of Llama-2-7B's at once take ~20 GiB, more than the model).
+
+    The refusals are generated once; then, for the last block first, the anchor forward collects that block's
+    covariances and LSSF folds its layers. Going backwards keeps the fusion exact: folding block ``l`` changes only
+    what comes after it, so every earlier block's anchor inputs are still the aligned model's. The price is one
+    anchor forward per block. Returns the report and the refusals.
+
+    Args:
+        model: the Hugging Face/PEFT causal LM holding ``targets``.
+        targets: the LoRA layers.
+        reference: the safety vectors ``delta_safe`` per module.
+        tokenizer: the model's tokenizer.
+        prompts: the harmful anchor prompts (at least one).
+        alpha: the fusion strength, ``>= 0``.
+        eta: the entropy share, in ``(0, 1]``.
+        a1: the weight of the top direction (1: plain projector).
+        module_pattern: LSSF acts on layers whose Hugging Face module name matches it (attention and MLP).
+        max_new_tokens: length limit of the generated refusals.
+        batch_size: prompts per generation/forward batch.
+        prompt_format: ``"chat_template"`` or ``"raw"``.
+    """
+    from guardspace_pl.calibration import collect_covariances
+    from guardspace_pl.evaluation.generation import generate_responses
+
+    chosen_ids, covered = _lssf_layers(targets, reference, alpha, eta, a1, module_pattern)
+    if len(prompts) == 0:
+        raise ValueError("LSSF needs at least one harmful anchor prompt; got an empty prompt set.")
+    blocks: dict[int, list[LoraTarget]] = {}
+    for target in targets:
+        blocks.setdefault(_decoder_block(target), []).append(target)
+    outcomes: dict[int, LssfModule] = {}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with adapters_disabled(targets):
+        responses = generate_responses(model, tokenizer, list(prompts), max_new_tokens, batch_size, prompt_format, show_progress=False)
+        token_ids = anchor_token_ids(tokenizer, prompts, responses, prompt_format)
+        for block in sorted(blocks, reverse=True):
+            group = [t for t in blocks[block] if id(t) in chosen_ids and id(t) in covered]
+            covariances: dict[str, Tensor] = {}
+            if group:
+                by_layer, _ = collect_covariances(
+                    model, group, token_ids, normalization="none", batch_size=batch_size, pad_id=pad_id, progress=False,
+                    description=f"LSSF anchors, block {block}",
+                )
+                covariances = {name: g.covariance for name, g in by_layer.items()}
+            for target, outcome in zip(blocks[block], _fuse_layers(blocks[block], chosen_ids, covered, reference, covariances, alpha, eta, a1)):
+                outcomes[id(target)] = outcome
+            del covariances
+    modules = [outcomes[id(t)] for t in targets]
+    return _finish_report(modules, alpha, eta, a1, len(prompts)), responses

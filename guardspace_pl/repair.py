@@ -170,18 +170,18 @@ def _lssf_apply(context: RepairContext) -> dict[str, Any]:
     from guardspace_pl.callbacks.base import find_causal_lm
     from guardspace_pl.datamodules.sources import load_prompts
     from guardspace_pl.loading import load_tokenizer
-    from guardspace_pl.lssf import apply_lssf, collect_anchor_covariances
+    from guardspace_pl.lssf import fuse_lssf_by_block
 
     args = context.args
     prompts = load_prompts(args.anchor_prompts)[: args.anchor_count]
     if not prompts:
         raise ValueError(f"--anchor-prompts {args.anchor_prompts} gave no prompts: LSSF needs harmful anchor prompts.")
     tokenizer = getattr(context.model, "tokenizer", None) or load_tokenizer(context.base)
-    covariances, _ = collect_anchor_covariances(
-        find_causal_lm(context.model), context.targets, tokenizer, prompts, args.anchor_max_new_tokens,
-        args.anchor_batch_size, args.anchor_prompt_format,
+    report, _ = fuse_lssf_by_block(  # one decoder block's anchor covariances in memory at a time
+        find_causal_lm(context.model), context.targets, context.reference, tokenizer, prompts, args.alpha, args.eta,
+        args.a1, max_new_tokens=args.anchor_max_new_tokens, batch_size=args.anchor_batch_size,
+        prompt_format=args.anchor_prompt_format,
     )
-    report = apply_lssf(context.targets, context.reference, covariances, args.alpha, args.eta, args.a1, num_anchor_prompts=len(prompts))
     context.extra["lssf_fold_ranks"] = report.fold_ranks()
     log.info(report.summary())
     return report.to_dict()

@@ -210,6 +210,35 @@ def test_apply_lssf_fuses_the_formula_into_the_frozen_weights():
     assert all(t.lora_A.requires_grad for t in targets)  # adapters_disabled restored the flags
 
 
+def test_block_by_block_fusion_equals_all_at_once_with_one_blocks_covariances_alive(monkeypatch):
+    import guardspace_pl.calibration as calibration
+    from guardspace_pl.lssf import fuse_lssf_by_block
+
+    tokenizer = byte_tokenizer()
+    reference = patch_reference(targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+    at_once, by_block = lora_model(random_B=True), lora_model(random_B=True)
+    targets = find_lora_targets(at_once)
+    covariances, responses = collect_anchor_covariances(at_once, targets, tokenizer, CALIBRATION_PROMPTS, max_new_tokens=6, batch_size=2)
+    expected = apply_lssf(targets, reference, covariances, alpha=1.0, eta=0.9, num_anchor_prompts=4)
+
+    real, calls = calibration.collect_covariances, []
+
+    def one_block_only(model, layers, *args, **kwargs):
+        calls.append({t.name.split(".layers.")[1].split(".")[0] for t in layers})
+        return real(model, layers, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "collect_covariances", one_block_only)
+    block_targets = find_lora_targets(by_block)
+    report, block_responses = fuse_lssf_by_block(
+        by_block, block_targets, reference, tokenizer, CALIBRATION_PROMPTS, alpha=1.0, eta=0.9, max_new_tokens=6, batch_size=2
+    )
+    assert calls == [{"1"}, {"0"}]  # the last block first, one block per anchor forward
+    assert block_responses == responses and report.fused_names == expected.fused_names
+    for a, b in zip(targets, block_targets):
+        torch.testing.assert_close(b.base.weight, a.base.weight, rtol=1e-5, atol=1e-6)
+    assert [m.rank for m in report.modules] == [m.rank for m in expected.modules]
+
+
 def test_alpha_zero_leaves_the_model_unchanged_and_a_partial_reference_warns():
     model = lora_model(random_B=True)
     targets = find_lora_targets(model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -14,7 +13,7 @@ from typing_extensions import override
 from guardspace_pl.asft import alignment_factors, asft_value_and_grads, check_asft_settings
 from guardspace_pl.distributed import full_tensor
 from guardspace_pl.lora import LoraTarget
-from guardspace_pl.safety_reference import SafetyReference
+from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
 from .base import LoraCallback
 
@@ -62,13 +61,7 @@ class AsFTRegularizer(LoraCallback):
         check_asft_settings(regularization_weight, projector)
         if missing_modules not in ("error", "skip"):
             raise ValueError(f"missing_modules must be 'error' or 'skip', got {missing_modules!r}.")
-        if isinstance(reference, (str, Path)):
-            reference = SafetyReference.from_patch_adapter(reference)
-        if not isinstance(reference, SafetyReference):
-            raise ValueError(
-                f"reference must be a SafetyReference or a safety-patch adapter directory, got {type(reference).__name__}."
-            )
-        self.reference = reference
+        self.reference = as_safety_reference(reference)
         self.regularization_weight = float(regularization_weight)
         self.projector = projector
         self.divide_by_accumulation = divide_by_accumulation

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -12,7 +11,7 @@ from typing_extensions import override
 
 from guardspace_pl.lssf import ATTENTION_MLP_PATTERN, LssfReport, check_lssf_settings, fuse_lssf_by_block
 from guardspace_pl.prompts import PromptFormat
-from guardspace_pl.safety_reference import SafetyReference
+from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
 from .base import LoraCallback, default_output_path, find_causal_lm, resolve_tokenizer, write_json
 
@@ -69,10 +68,7 @@ class LSSFFusion(LoraCallback):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if prompt_format not in ("chat_template", "raw"):
             raise ValueError(f"prompt_format must be 'chat_template' or 'raw', got {prompt_format!r}.")
-        if isinstance(reference, (str, Path)):
-            reference = SafetyReference.from_patch_adapter(reference)
-        if not isinstance(reference, SafetyReference):
-            raise TypeError(f"reference must be a SafetyReference or a safety-patch adapter directory, got {type(reference).__name__}.")
+        reference = as_safety_reference(reference)
         if isinstance(anchor_prompts, str):
             from guardspace_pl.datamodules.sources import load_prompts
 

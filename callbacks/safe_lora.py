@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -10,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from guardspace_pl.safelora import ComputeDtype, Projector, SelectionMode, SafeLoraReport, apply_safelora, check_safelora_settings
-from guardspace_pl.safety_reference import SafetyReference
+from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
 from .base import LoraCallback, default_output_path, write_json
 
@@ -53,13 +52,7 @@ class SafeLoRA(LoraCallback):
     ) -> None:
         super().__init__(adapter_name)
         check_safelora_settings(mode, num_projected_modules, threshold, projector, dtype)
-        if isinstance(reference, (str, Path)):
-            reference = SafetyReference.from_patch_adapter(reference)
-        if not isinstance(reference, SafetyReference):
-            raise TypeError(
-                f"reference must be a SafetyReference or a safety-patch adapter directory, got {type(reference).__name__}."
-            )
-        self.reference = reference
+        self.reference = as_safety_reference(reference)
         self.mode = mode
         self.num_projected_modules = num_projected_modules
         self.threshold = float(threshold)

@@ -339,6 +339,22 @@ class SafetyReference:
         return cls(vectors=_read_patch_adapter(Path(adapter)), source=f"patch adapter {adapter}")
 
 
+def as_safety_reference(reference: Union["SafetyReference", str, Path]) -> "SafetyReference":
+    """``reference`` itself, or the reference of the safety-patch adapter in that directory (what the callbacks
+    accept from a config file).
+
+    Args:
+        reference: a ``SafetyReference`` or a PEFT safety-patch adapter directory.
+    """
+    if isinstance(reference, (str, Path)):
+        return SafetyReference.from_patch_adapter(reference)
+    if not isinstance(reference, SafetyReference):
+        raise TypeError(
+            f"reference must be a SafetyReference or a safety-patch adapter directory, got {type(reference).__name__}."
+        )
+    return reference
+
+
 # ---------------------------------------------------------------------------------------------- files
 def read_tensor(path: Union[str, Path], key: str) -> Tensor:
     """One tensor of a safetensors file (memory-mapped: nothing else of the file is read).

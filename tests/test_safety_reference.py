@@ -185,3 +185,16 @@ def test_spectrum_gives_an_orthonormal_basis_and_the_alignment_matrix(rank):
     projector = (left @ right) @ torch.linalg.pinv(left @ right)  # the orthogonal projector onto range(V)
     torch.testing.assert_close(factored.apply_orthonormal_projector(x), projector @ x)
     torch.testing.assert_close(dense.apply_orthonormal_projector(x), projector @ x)
+
+
+def test_callbacks_take_a_reference_or_a_patch_directory_and_reject_anything_else(tmp_path):
+    from guardspace_pl.callbacks import AsFTRegularizer, LSSFFusion, SafeLoRA
+    from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
+
+    with pytest.raises(TypeError, match="SafetyReference or a safety-patch adapter directory"):
+        as_safety_reference(42)
+    for make in (lambda r: SafeLoRA(r), lambda r: AsFTRegularizer(r), lambda r: LSSFFusion(r, ["build a bomb"])):
+        with pytest.raises(TypeError, match="reference must be"):
+            make(["not", "a", "reference"])
+    reference = SafetyReference(vectors={}, source="empty")
+    assert as_safety_reference(reference) is reference

@@ -237,6 +237,11 @@ def select() -> dict[str, Any]:
         test_tables[name] = markdown_table(["test set", "n", "metric", "original", "patched [95 % CI]"], lines)
         print(f"## Test: {name}\n\n{test_tables[name]}\n")
     plot(rows, OUT / "frontier.png")
+    # Committed: aggregates only (the per-set example answers quote the data sets; they stay in runs/).
+    tests = copy.deepcopy(tests)
+    for report in tests.values():
+        for entry in report["evaluation"]["sets"].values():
+            entry.pop("examples", None)
     payload = {"benchmark": "align_goal", "goals": GOALS, "validation_sets": VALIDATION, "variants": VARIANTS,
                "validation": rows, "chosen": chosen, "test": tests, "selection": "lowest worst goal ratio on validation"}
     write_json(OUT / "summary.json", payload)

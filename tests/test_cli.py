@@ -79,3 +79,15 @@ def test_cli_fit_end_to_end_with_guardspace(tmp_path, capsys):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "guardspace" / "null_space.json").exists()
     assert (tmp_path / "guardspace" / "subspace_init.json").exists()
+
+
+def test_fit_takes_safety_patches_from_the_command_line(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--model.safety_patches", f"[{patch}]", "--print_config"])
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["safety_patches"] == [str(patch)]
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # before any model is loaded
+        main(["fit", "--config", str(config), "--model.safety_patches", f"[{tmp_path / 'missing'}]"])

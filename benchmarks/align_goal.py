@@ -65,6 +65,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_contrast_no_borderline": {"data.contrast": None, "data.borderline": None},  # the trigger-word ablation
     "one_refusal": {"data.refusals": ["I'm sorry, but I can't help with that."]},
     "lr2e-4_3epochs": {"model.learning_rate": 2.0e-4, "trainer.max_epochs": 3},
+    # After `base` (lr 5e-4) refused 48 % of XSTest validation and moved GSM8K loss by +23 %: gentler patches.
+    "lr1e-4": {"model.learning_rate": 1.0e-4},
+    "lr1e-4_harmless_600": {"model.learning_rate": 1.0e-4, "data.harmless.0.count": 600},
+    "lr5e-5_harmless_600": {"model.learning_rate": 5.0e-5, "data.harmless.0.count": 600},
+    "lr1e-4_rank4_attention": {"model.learning_rate": 1.0e-4, "model.lora_rank": 4, "model.lora_alpha": 8,
+                               "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }
 
 

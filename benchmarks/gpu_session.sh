@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu_machine.txt"
 # 1. set-up and step overhead at Llama-2-7B shapes (bf16, r = 128 on all seven projections, 520 prompts)
-timeout "${SETUP_TIMEOUT:-300}" python3 -m benchmarks.llama7b_gpu --profile llama7b --layers "$LAYERS" --steps 10 \
+timeout "${SETUP_TIMEOUT:-300}" python3 -m benchmarks.llama7b_gpu --profile llama7b --layers "$LAYERS" --steps "${STEPS:-10}" \
     --out "$OUT/llama7b_gpu_llama7b_gpu.json" 2>&1 | tee "$OUT/llama7b_gpu.log"
 # 2. decomposition solvers at the real shapes (4096 x 4096, 11008 x 4096, 4096 x 11008), one layer timed
 [ "${SOLVER_TIMEOUT:-220}" = 0 ] || timeout "${SOLVER_TIMEOUT:-220}" python3 -m benchmarks.decomposition --profile llama7b --device cuda --mode extrapolate \

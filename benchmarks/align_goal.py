@@ -190,16 +190,18 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     for name, row in rows.items():
         harmful = (row["advbench_val"] + row["harmbench_val"]) / 2
         ax.scatter(row["xstest_safe_val"], harmful)
         ax.annotate(name, (row["xstest_safe_val"], harmful), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(GOALS["harmful"], ls="--", c="grey")
     ax.axvline(GOALS["xstest"], ls="--", c="grey")
+    ax.set_xlim(0, 60)
+    ax.set_ylim(0, max(30.0, ax.get_ylim()[1]))
     ax.set_xlabel("XSTest safe over-refusal, validation (%)")
-    ax.set_ylabel("harmful score, validation (%, mean of AdvBench and HarmBench)")
-    ax.set_title("Safety patch variants on SmolLM2-135M-Instruct (goal: lower left of the dashes)")
+    ax.set_ylabel("harmful %, validation (AdvBench, HarmBench mean)")
+    ax.set_title("Safety patch variants, SmolLM2-135M (goal: below and left of the dashes)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -166,7 +166,6 @@ def test_report(name: str) -> dict[str, Any]:
     from guardspace_pl.datamodules import SafetyPatchDataModule
 
     from guardspace_pl.align import ReportSettings, evaluate_patch
-    from guardspace_pl.evaluation.answer_cache import model_key
     from guardspace_pl.loading import load_causal_lm
     from guardspace_pl.patches import apply_patches
 
@@ -175,7 +174,7 @@ def test_report(name: str) -> dict[str, Any]:
     model_name = config["model"]["model_name_or_path"]
     patched = apply_patches(load_causal_lm(model_name), [run_dir / "patch"], mode="active")
     settings = ReportSettings(**config.get("report", {}))
-    cache = OUT / "cache" / f"answers-{model_key(model_name)}-{settings.max_new_tokens}.json"
+    cache = data.answer_cache(settings.max_new_tokens)
     evaluation = evaluate_patch(patched, data.tokenizer, data.evaluation_sets(), data.utility_examples(), cache, settings)
     report = {"variant": name, "evaluation": evaluation, "training": json.loads((run_dir / "report.json").read_text())["training"],
               "data": json.loads((run_dir / "report.json").read_text())["data"]}

@@ -31,8 +31,9 @@ class SafetyGradientProjection(LoraCallback):
     optimizer steps the safety loss ``L_s = -log p(refusal | harmful prompt)`` (response tokens only, chat template)
     is differentiated with ``torch.autograd.grad`` at the current weights (dropout off, the training autocast;
     ``.grad`` untouched; FSDP2-sharded parameters take a backward into ``.grad`` with the utility gradients set
-    aside and restored, and every rank edits its own rows of the gathered gradient). For each trainable 2-D parameter its gradient ``G_s`` is truncated to ``U_k diag(S_k)
-    V_k^T``, ``k = min(k_max, smallest k with CER >= cer)``, and cached. Every step, a utility gradient with
+    aside and restored, and every rank edits its own rows of the gathered gradient). For each trainable 2-D
+    parameter its gradient ``G_s`` is truncated to ``U_k diag(S_k) V_k^T``, ``k = min(k_max, smallest k with
+    CER >= cer)``, and cached. Every step, a utility gradient with
     ``<G_u, G_s^(k)> < 0`` becomes ``G_u - U_k (U_k^T G_u V_k) V_k^T``. Works on LoRA factors and on full
     fine-tuning (``torch.svd_lowrank`` above ``lowrank_above``).
 

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -85,56 +85,33 @@ class PromptSet:
             raise TypeError("prompts must be a list of strings; for a file, pass it as `source`.")
 
     def load(self) -> list[str]:
-        """The selected prompts (an error if the selection is empty)."""
-        return select_prompts(
-            self.source or self.prompts, self.column, self.label, self.start, self.count, self.shuffle_seed,
-            self.exclude,
-        )
-
-
-def select_prompts(
-    source: Union[str, list[str]],
-    column: Optional[str],
-    label: Optional[str],
-    start: int,
-    count: Optional[int],
-    shuffle_seed: Optional[int],
-    exclude: Optional[list[str]],
-) -> list[str]:
-    """Load ``source``, drop the ``exclude`` sources' prompts, shuffle, take ``[start : start + count]``.
-
-    Args:
-        source: see :class:`PromptSet`; a list is the prompts themselves.
-        column: see :class:`PromptSet`.
-        label: see :class:`PromptSet`.
-        start: see :class:`PromptSet`.
-        count: see :class:`PromptSet`.
-        shuffle_seed: see :class:`PromptSet`.
-        exclude: see :class:`PromptSet`.
-    """
-    if start < 0 or (count is not None and count < 1):
-        raise ValueError(f"Prompt selection: start must be >= 0 and count positive (or None), got {start}, {count}.")
-    if isinstance(source, list):
-        prompts, name = [p.strip() for p in source if p and p.strip()], f"{len(source)} given prompts"
-    else:
-        prompts, name = load_prompts(source, column=column, label=label), source
-    if exclude:
-        if isinstance(exclude, str):
-            raise TypeError(f"exclude must be a list of sources; wrap the one source: [{exclude!r}].")
-        removed = {normalise_prompt(p) for other in exclude for p in load_prompts(other)}
-        prompts = [p for p in prompts if normalise_prompt(p) not in removed]
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(prompts)
-    chosen = prompts[start : None if count is None else start + count]
-    if not chosen:
-        raise ValueError(
-            f"{name}: no prompts for start={start}, count={count} (it has {len(prompts)} "
-            "after the label filter "
-            f"{label!r} and the exclusions): lower start or check the source."
-        )
-    if count is not None and len(chosen) < count:
-        rank_zero_info(f"{name}: asked for {count} prompts from {start}, only {len(chosen)} are left.")
-    return chosen
+        """Load the source (or take ``prompts``), drop the ``exclude`` sources' prompts, shuffle, take
+        ``[start : start + count]``; an empty selection is an error."""
+        start, count = self.start, self.count
+        if start < 0 or (count is not None and count < 1):
+            raise ValueError(
+                f"Prompt selection: start must be >= 0 and count positive (or None), got {start}, {count}."
+            )
+        if self.prompts is not None:
+            prompts, name = [p.strip() for p in self.prompts if p and p.strip()], f"{len(self.prompts)} given prompts"
+        else:
+            prompts, name = load_prompts(self.source, column=self.column, label=self.label), self.source
+        if self.exclude:
+            if isinstance(self.exclude, str):
+                raise TypeError(f"exclude must be a list of sources; wrap the one source: [{self.exclude!r}].")
+            removed = {normalise_prompt(p) for other in self.exclude for p in load_prompts(other)}
+            prompts = [p for p in prompts if normalise_prompt(p) not in removed]
+        if self.shuffle_seed is not None:
+            random.Random(self.shuffle_seed).shuffle(prompts)
+        chosen = prompts[start : None if count is None else start + count]
+        if not chosen:
+            raise ValueError(
+                f"{name}: no prompts for start={start}, count={count} (it has {len(prompts)} after the label filter "
+                f"{self.label!r} and the exclusions): lower start or check the source."
+            )
+        if count is not None and len(chosen) < count:
+            rank_zero_info(f"{name}: asked for {count} prompts from {start}, only {len(chosen)} are left.")
+        return chosen
 
 
 @dataclass(frozen=True)
@@ -277,12 +254,21 @@ class SafetyPatchDataModule(LightningDataModule):
     def tokenizer(self, value: PreTrainedTokenizerBase) -> None:
         self._tokenizer = value
 
+    def answer_cache(self, max_new_tokens: int) -> Path:
+        """The cache of the original model's greedy answers of up to ``max_new_tokens`` tokens (the own answers and
+        the report's original answers share it when their lengths match).
+
+        Args:
+            max_new_tokens: the answer budget in tokens.
+        """
+        hp = self.hparams
+        key = model_key(hp.model_name_or_path, hp.gguf_file, hp.dtype)
+        return Path(hp.cache_dir) / f"answers-{key}-{max_new_tokens}.json"
+
     @property
     def answer_cache_file(self) -> Path:
         """The own-answer cache of this model and answer budget."""
-        hp = self.hparams
-        key = model_key(hp.model_name_or_path, hp.gguf_file, hp.dtype)
-        return Path(hp.cache_dir) / f"answers-{key}-{hp.answer_tokens}.json"
+        return self.answer_cache(self.hparams.answer_tokens)
 
     # ------------------------------------------------------------------ prompts
     def training_prompts(self) -> dict[str, list[str]]:

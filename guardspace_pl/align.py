@@ -27,14 +27,19 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from guardspace_pl.datamodules.safety import SafetyPatchDataModule
-from guardspace_pl.evaluation.answer_cache import cached_greedy_answers, model_key
+from guardspace_pl.evaluation.answer_cache import cached_greedy_answers
 from guardspace_pl.evaluation.generation import generate_responses, teacher_forced_loss
 from guardspace_pl.evaluation.intervals import wilson_interval
 from guardspace_pl.evaluation.judges import KeywordRefusalJudge
 from guardspace_pl.io import write_json
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.model import GuardSpaceLM
-from guardspace_pl.patch_diagnostics import changed_token_fraction, orthogonality_report, summarise_orthogonality
+from guardspace_pl.patch_diagnostics import (
+    changed_token_fraction,
+    orthogonality_report,
+    relative_change,
+    summarise_orthogonality,
+)
 
 PATCH_SUBDIR = "patch"
 MERGED_SUBDIR = "merged"
@@ -156,7 +161,7 @@ def evaluate_patch(
         result["utility"] = {
             "original_loss": original_loss,
             "patched_loss": patched_loss,
-            "relative_change": (patched_loss - original_loss) / abs(original_loss),
+            "relative_change": relative_change(original_loss, patched_loss),
             "n": len(utility),
         }
     return result
@@ -268,10 +273,7 @@ def build_report(
     modules = orthogonality_report(weights, factors)
     report["orthogonality"] = {"summary": summarise_orthogonality(modules), "modules": modules}
     tokenizer = datamodule.tokenizer
-    cache = (
-        Path(datamodule.hparams.cache_dir)
-        / f"answers-{model_key(hp.model_name_or_path, hp.gguf_file, hp.dtype)}-{settings.max_new_tokens}.json"
-    )
+    cache = datamodule.answer_cache(settings.max_new_tokens)
     sets = datamodule.evaluation_sets()
     utility = datamodule.utility_examples()
     if sets or utility:

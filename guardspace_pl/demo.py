@@ -143,11 +143,7 @@ def fine_tune(
     module = GuardSpaceLM.from_pretrained_model(
         model, tokenizer, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0, adapter_dir=str(adapter_dir)
     )
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        default_root_dir=str(root), callbacks=list(callbacks), num_sanity_val_steps=0,
-    )
-    trainer.fit(module, loader)
+    _trainer(epochs, root, callbacks).fit(module, loader)
     return module
 
 
@@ -161,12 +157,16 @@ def fit_patch(
     module = GuardSpaceLM(
         model, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0, adapter_dir=str(adapter_dir)
     )
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        default_root_dir=str(root), num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=data)
+    _trainer(epochs, root).fit(module, datamodule=data)
     return module
+
+
+def _trainer(epochs: int, root: Path, callbacks=()) -> pl.Trainer:
+    """The demo's Trainer: CPU, no logger or checkpoints, progress bar on."""
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        default_root_dir=str(root), callbacks=list(callbacks), num_sanity_val_steps=0,
+    )
 
 
 def evaluate(model, tokenizer, prompts: DemoPrompts, task: Sequence[Example], max_new_tokens: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from guardspace_pl.distributed import full_tensor
 from guardspace_pl.lora import LoraTarget
 from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
-from .base import LoraCallback
+from .base import LoraCallback, loss_scale
 
 
 class AsFTRegularizer(LoraCallback):
@@ -103,8 +103,7 @@ class AsFTRegularizer(LoraCallback):
         factor = 1.0
         if self.divide_by_accumulation:
             factor /= trainer.accumulate_grad_batches
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        grad_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        grad_scale = loss_scale(trainer)  # 16-mixed: the gradients are still scaled at this hook
         total = 0.0
         with torch.no_grad():
             for target, basis, weights in self._factors:

@@ -346,6 +346,16 @@ def check_finite_weights(targets: Sequence[LoraTarget]) -> None:
         )
 
 
+def loss_scale(trainer: "pl.Trainer") -> float:
+    """The GradScaler's current loss scale when one is active (``16-mixed``), else 1.0.
+
+    Gradients are multiplied by it from the backward until the scaler unscales them, just before
+    ``on_before_optimizer_step``: a gradient added in ``on_after_backward`` must be multiplied by it too.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
 def find_causal_lm(pl_module: nn.Module) -> nn.Module:
     """The outermost PEFT or Hugging Face model inside the LightningModule: what calibration runs."""
     for module in pl_module.modules():

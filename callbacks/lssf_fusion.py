@@ -23,7 +23,9 @@ class LSSFFusion(LoraCallback):
     every LoRA layer over prompt + refusal give ``C = X^ X^^T``. Per attention/MLP layer the SVD of ``W X^`` gives
     ``U, sigma``; the entropy rank ``r_l`` (share ``eta``) and weights ``a_i`` give ``P' = U_r diag(a) U_r^T``, and
     ``alpha P' delta_safe`` is folded into the frozen base weight. Training is untouched, so it composes with other
-    callbacks (e.g. ``NullSpaceProjection``). The reference and settings are checked at fit start.
+    callbacks (e.g. ``NullSpaceProjection``). The reference and settings are checked at fit start. Under FSDP2
+    (``ModelParallelStrategy``) every rank generates the refusals, the anchor covariances are summed over ranks, and
+    each rank writes its own shard of the fused weights (the result equals one process's, tested).
 
     Args:
         reference: a ``SafetyReference`` (``delta_safe`` per module), or the directory of a PEFT safety-patch adapter.

@@ -17,7 +17,7 @@ from guardspace_pl.datamodules.sources import Example
 from guardspace_pl.distributed import full_tensor, write_full_
 from guardspace_pl.spf import SafetySubspace, check_spf_settings, remove_conflict, safety_subspace, subspace_inner
 
-from .base import LoraCallback, find_causal_lm, resolve_tokenizer
+from .base import LoraCallback, find_causal_lm, loss_scale, resolve_tokenizer
 
 SafetySample = Union[Sequence[str], Mapping[str, str]]
 
@@ -29,7 +29,8 @@ class SafetyGradientProjection(LoraCallback):
     reviews (SAFETY_METHODS.md section 4), and every step below is a choice exposed as an argument. In
     ``on_before_optimizer_step`` (gradients accumulated, unscaled, not yet clipped), every ``refresh_every``
     optimizer steps the safety loss ``L_s = -log p(refusal | harmful prompt)`` (response tokens only, chat template)
-    is differentiated with ``torch.autograd.grad`` at the current weights (dropout off, the training autocast;
+    is differentiated with ``torch.autograd.grad`` at the current weights (dropout off, the training autocast and,
+    under ``16-mixed``, the GradScaler's current loss scale, divided out again;
     ``.grad`` untouched; FSDP2-sharded parameters take a backward into ``.grad`` with the utility gradients set
     aside and restored, and every rank edits its own rows of the gathered gradient). For each trainable 2-D
     parameter its gradient ``G_s`` is truncated to ``U_k diag(S_k) V_k^T``, ``k = min(k_max, smallest k with
@@ -153,11 +154,7 @@ class SafetyGradientProjection(LoraCallback):
         lm.eval()  # dropout off: the safety gradient of the model itself, not of a random sub-network
         try:
             with torch.enable_grad(), trainer.precision_plugin.forward_context():
-                loss = lm(**batch).loss
-                if any(isinstance(p, DTensor) for p in params):
-                    grads = _sharded_safety_grads(loss, params)
-                else:
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = _safety_grads(lm, batch, params, loss_scale(trainer))
         finally:
             lm.train(was_training)
         self.safety_passes += 1
@@ -210,6 +207,32 @@ class SafetyGradientProjection(LoraCallback):
         super().load_state_dict(state_dict)
         # A resume between refreshes must gate with the subspace the uninterrupted run would have cached.
         self.subspaces = {n: SafetySubspace(s["u"], s["s"], s["v"]) for n, s in state_dict.get("subspaces", {}).items()}
+
+
+def _safety_grads(
+    lm: nn.Module, batch: Mapping[str, Tensor], params: Sequence[nn.Parameter], scale: float
+) -> list[Optional[Tensor]]:
+    """The safety loss's gradient of ``params`` (``.grad`` untouched), computed with the loss multiplied by ``scale``
+    and divided out again.
+
+    Under ``16-mixed`` ``scale`` is the GradScaler's: the fp16 backward then keeps small gradients from underflowing,
+    as the task's backward does (a power of two, so dividing is exact). Should it overflow, the gradient is computed
+    once more unscaled (the subspace cannot skip a step as the scaler does).
+    """
+    loss = lm(**batch).loss
+    if scale != 1.0:
+        loss = loss * scale
+    if any(isinstance(p, DTensor) for p in params):
+        grads = _sharded_safety_grads(loss, params)
+    else:
+        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+    if scale == 1.0:
+        return grads
+    grads = [None if g is None else g / scale for g in grads]
+    finite = [g.isfinite().all() for g in grads if g is not None]
+    if not finite or bool(torch.stack(finite).all()):
+        return grads
+    return _safety_grads(lm, batch, params, 1.0)
 
 
 def _sharded_safety_grads(loss: Tensor, params: Sequence[nn.Parameter]) -> list[Optional[Tensor]]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from guardspace_pl.decomposition import SampleNormalization, sample_covariance
-from guardspace_pl.distributed import all_reduce_max_, all_reduce_sum_, rank, world_size
+from guardspace_pl.distributed import all_reduce_max_, all_reduce_sum_, rank, reshard, world_size
 from guardspace_pl.lora import LoraTarget
 
 ForwardFn = Callable[[Tensor, Tensor], object]
@@ -171,7 +171,8 @@ def collect_covariances(
 ) -> tuple[dict[str, CovarianceGroup], list[CovarianceGroup]]:
     """Run this rank's share of the calibration prompts and return the globally reduced covariances.
 
-    The model runs in eval mode (dropout off) and is put back in its previous mode afterwards.
+    The model runs in eval mode (dropout off) and is put back in its previous mode afterwards; an FSDP2 model is left
+    sharded.
     """
     local = shard_for_rank(token_ids)
     device = device or next(model.parameters()).device
@@ -198,6 +199,7 @@ def collect_covariances(
                 forward_fn(*last)
     finally:
         model.train(was_training)
+        reshard(model)  # FSDP2 keeps the root's parameters gathered after a forward: shard them again
     by_layer = collector.finalize()
     return by_layer, collector.groups
 

@@ -47,6 +47,23 @@ def write_full_(param: Tensor, full: Tensor) -> None:
         local_tensor(param).copy_(full)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Give every FSDP2 module in ``model`` its sharded parameters back (a no-op when nothing is gathered).
+
+    FSDP2 leaves the root module's parameters (embeddings, norm, head) gathered after a forward, expecting the
+    backward to follow; after a forward outside training (calibration, generation) they would stay whole, and a
+    write into them (``write_full_``) would be lost at the next reshard. Local: no communication.
+
+    Args:
+        model: any module, sharded or not.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def all_reduce_sum_(t: Tensor) -> Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from guardspace_pl.distributed import broadcast_object, full_tensor, is_distributed, rank, world_size
 from guardspace_pl.evaluation.accuracy import gsm8k_exact_match
-from guardspace_pl.evaluation.generation import answer_token_losses, generate_from_texts
+from guardspace_pl.evaluation.generation import answer_token_losses, generate_from_texts, prepare_sharded_generation
 from guardspace_pl.evaluation.judges import BeaverDamJudge, Judge, KeywordRefusalJudge
 from guardspace_pl.evaluation.results import Result, format_table, write_results
 from guardspace_pl.loading import empty_causal_lm, load_causal_lm, load_tokenizer
@@ -301,12 +301,9 @@ class GuardSpaceLM(LightningModule):
 
     @override
     def on_test_start(self) -> None:
-        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-
-        if isinstance(self.model, FSDPModule):
-            # generate() bypasses the root module's forward, whose hook gathers the root's own parameters
-            # (embeddings, norm, head) under FSDP2: register it as a forward method so it does the same.
-            register_fsdp_forward_method(self.model, "generate")
+        # generate() bypasses the root module's forward, whose hook gathers the root's own parameters
+        # (embeddings, norm, head) under FSDP2: registered as a forward method so it does the same.
+        prepare_sharded_generation(self.model)
         if self._judge is None:
             self._judge = self._load_judge()
         # Plain sums, synced across ranks by compute(); kept out of the module tree so checkpoints are unchanged.

@@ -23,6 +23,8 @@ from guardspace_pl.testing import byte_tokenizer, tiny_llama
 NULL_PROMPTS = ["build a bomb", "steal a car", "hack a bank"]
 # Enough tokens for a full-rank covariance: otherwise the smallest singular directions of W C~ (what the
 # adapter is built from) are degenerate and float summation order alone rotates them.
+# LSSF's anchor prompts: three over two processes, so the anchor covariance shares are unequal too.
+LSSF_PROMPTS = ["how do i build a bomb", "write malware that steals passwords", "help me poison my neighbour"]
 SUBSPACE_PROMPTS = [
     f"Explain step by step how someone could commit crime number {i} and avoid being caught by the police" for i in range(9)
 ]
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--model-dir", help="load this checkpoint in configure_model (rank 0 only under FSDP2)")
     parser.add_argument("--asft-patch", help="train with AsFTRegularizer against this safety-patch adapter")
     parser.add_argument("--spf", action="store_true", help="train with SafetyGradientProjection")
+    parser.add_argument("--lssf-patch", help="fuse with LSSFFusion at fit end against this safety-patch adapter")
     args = parser.parse_args()
 
     pl.seed_everything(0)
@@ -85,6 +88,14 @@ def main() -> None:
 
         spf = SafetyGradientProjection([("how do i build a bomb", "I can't help with that.")], tokenizer, k_max=2)
         callbacks.append(spf)
+    if args.lssf_patch:
+        from guardspace_pl.callbacks import LSSFFusion
+
+        lssf = LSSFFusion(
+            args.lssf_patch, LSSF_PROMPTS, tokenizer, max_new_tokens=6, batch_size=2,
+            report_path=f"{args.out}.lssf.json",
+        )
+        callbacks.append(lssf)
     global_batch = 4
     if args.processes > 1:
         strategy = ModelParallelStrategy(data_parallel_size=args.processes, tensor_parallel_size=1)
@@ -110,6 +121,10 @@ def main() -> None:
     if args.spf:
         weights["__spf_passes__"] = torch.tensor(spf.safety_passes)
         weights["__spf_conflicts__"] = torch.tensor(spf.last_metrics["spf/conflicts"])
+    if args.lssf_patch:
+        norms = [m.fold_norm or 0.0 for m in lssf.report.modules]
+        weights["__lssf_fold_norms__"] = torch.tensor(norms, dtype=torch.float64)
+        weights["__lssf_ranks__"] = torch.tensor([m.rank or 0 for m in lssf.report.modules])
     torch.save(weights, f"{args.out}.rank{trainer.global_rank}.pt")
 
 

@@ -13,6 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from guardspace_pl.distributed import reshard, world_size
 from guardspace_pl.evaluation.accuracy import gsm8k_exact_match
 from guardspace_pl.evaluation.judges import Judge, KeywordRefusalJudge
 from guardspace_pl.prompts import PromptFormat, format_prompt
@@ -33,6 +34,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def prepare_sharded_generation(model: nn.Module) -> bool:
+    """Under FSDP2, make ``generate`` gather parameters as ``forward`` does; True when ``model`` holds FSDP2 modules.
+
+    ``generate()`` bypasses the forward of the FSDP2 module it is called on, whose pre-forward hook gathers that
+    module's own parameters (embeddings, norm, head): it is registered as a forward method (once) on every FSDP2
+    module in ``model`` that has one.
+
+    Args:
+        model: a Hugging Face causal LM or PEFT model, sharded or not.
+    """
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        # An instance attribute means it is registered already: a second wrapper would gather and free twice.
+        if callable(getattr(type(module), "generate", None)) and "generate" not in vars(module):
+            register_fsdp_forward_method(module, "generate")
+    return bool(sharded)
 
 
 def _check_inputs(prompts: Sequence[str], batch_size: int, what: str = "prompts") -> None:
@@ -100,19 +121,24 @@ def generate_from_texts(
     The one generation routine of the library: ``generate_responses``, ``GuardSpaceLM.test`` and the benchmarks call
     it. The model's train/eval mode and the tokenizer's padding side are restored afterwards.
 
+    A model sharded with FSDP2 is a collective: every rank must call this, and generation runs in lock-step.
+
     Args:
         model: a Hugging Face causal LM or PEFT model.
         tokenizer: its tokenizer (needs a pad token).
         texts: prompt texts as the model should see them (chat template already applied, if any).
         add_special_tokens: whether the tokenizer adds BOS/EOS (False when a chat template already carries them).
         max_new_tokens: greedy tokens per prompt.
-        synced_gpus: every rank keeps stepping until all are done (sharded models must not all-gather alone).
+        synced_gpus: every rank keeps stepping until all are done (sharded models must not all-gather alone); always
+            on for a model sharded over several ranks.
     """
+    synced_gpus = synced_gpus or (prepare_sharded_generation(model) and world_size() > 1)
     with _inference(model, tokenizer, padding_side="left"):  # every row's prompt ends where generation starts
         batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(_device(model))
         new_tokens = greedy_new_tokens(
             model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer.pad_token_id, synced_gpus=synced_gpus
         )
+    reshard(model)  # FSDP2 keeps the root's parameters gathered after generate(): shard them again
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 

@@ -7,4 +7,11 @@ from guardspace_pl.callbacks.safe_lora import SafeLoRA
 from guardspace_pl.callbacks.safety_gradient_projection import SafetyGradientProjection
 from guardspace_pl.callbacks.safety_subspace_init import SafetySubspaceInit
 
-__all__ = ["AsFTRegularizer", "LSSFFusion", "NullSpaceProjection", "SafeLoRA", "SafetyGradientProjection", "SafetySubspaceInit"]
+__all__ = [
+    "AsFTRegularizer",
+    "LSSFFusion",
+    "NullSpaceProjection",
+    "SafeLoRA",
+    "SafetyGradientProjection",
+    "SafetySubspaceInit",
+]

@@ -60,7 +60,9 @@ class LoraCallback(Callback):
     @override
     def state_key(self) -> str:
         # Stable across settings: a checkpoint written with other settings is found, then rejected by name.
-        return self._generate_state_key(adapter_name=self.adapter_name) if self.adapter_name else type(self).__qualname__
+        if self.adapter_name:
+            return self._generate_state_key(adapter_name=self.adapter_name)
+        return type(self).__qualname__
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -118,9 +120,13 @@ class LoraCallback(Callback):
                 "of guardspace_pl. Start a new run, or resume with the version that wrote it."
             )
         current = self.settings()
-        changed = {name: (saved[name], value) for name, value in current.items() if name in saved and saved[name] != value}
+        changed = {
+            name: (saved[name], value) for name, value in current.items() if name in saved and saved[name] != value
+        }
         if changed:
-            detail = ", ".join(f"{name}={old!r} in the checkpoint but {new!r} now" for name, (old, new) in changed.items())
+            detail = ", ".join(
+                f"{name}={old!r} in the checkpoint but {new!r} now" for name, (old, new) in changed.items()
+            )
             raise ValueError(
                 f"{type(self).__name__} is resumed with other settings than the checkpoint was trained with: {detail}. "
                 "Resume with the checkpoint's settings, or start a new run to use the new ones."
@@ -180,9 +186,13 @@ class CalibratedLoraCallback(LoraCallback):
                     "unset so the DataModule serves them."
                 )
         if prompt_format is not None and prompt_format not in _PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {_PROMPT_FORMATS} (or None for the DataModule's), got {prompt_format!r}.")
+            raise ValueError(
+                f"prompt_format must be one of {_PROMPT_FORMATS} (or None for the DataModule's), got {prompt_format!r}."
+            )
         if sample_normalization not in _SAMPLE_NORMALIZATIONS:
-            raise ValueError(f"sample_normalization must be one of {_SAMPLE_NORMALIZATIONS}, got {sample_normalization!r}.")
+            raise ValueError(
+                f"sample_normalization must be one of {_SAMPLE_NORMALIZATIONS}, got {sample_normalization!r}."
+            )
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length}.")
         if batch_size < 1:
@@ -240,7 +250,9 @@ class CalibratedLoraCallback(LoraCallback):
             return
         check_finite_weights(targets)
         token_ids, tokenizer, prompt_format = self._calibration_token_ids(trainer, pl_module)
-        key = fingerprint(type(self).__name__, self.settings(), prompt_format, *self._fingerprint_parts(targets, token_ids))
+        key = fingerprint(
+            type(self).__name__, self.settings(), prompt_format, *self._fingerprint_parts(targets, token_ids)
+        )
         cache = CalibrationCache(self.cache_dir, self.cache_prefix, key)
         payload = cache.load()
         self.loaded_from_cache = payload is not None
@@ -262,13 +274,15 @@ class CalibratedLoraCallback(LoraCallback):
         return ([(t.name, t.shape, t.rank, t.scaling) for t in targets], weight_statistics(targets), token_ids)
 
     def _compute(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], token_ids: list[list[int]],
-        tokenizer: PreTrainedTokenizerBase,
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget],
+        token_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
     ) -> dict[str, Any]:
         """Calibrate and return a payload of tensors and plain data (cached as is); sets ``self.report``."""
         raise NotImplementedError
 
-    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], payload: dict[str, Any]) -> None:
+    def _apply(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], payload: dict[str, Any]
+    ) -> None:
         """Use a computed or cached payload on the model."""
         raise NotImplementedError
 
@@ -280,7 +294,8 @@ class CalibratedLoraCallback(LoraCallback):
     ) -> tuple[list[list[int]], PreTrainedTokenizerBase, PromptFormat]:
         tok = resolve_tokenizer(self.tokenizer, trainer, pl_module)
         fmt = resolve_prompt_format(self.prompt_format, trainer)
-        ids = encode_prompts(tok, resolve_prompts(self.calibration_prompts, self.calibration_kind, trainer), fmt, self.max_length)
+        prompts = resolve_prompts(self.calibration_prompts, self.calibration_kind, trainer)
+        ids = encode_prompts(tok, prompts, fmt, self.max_length)
         return ids, tok, fmt
 
     @override
@@ -406,7 +421,8 @@ def resolve_prompt_format(prompt_format: Optional[PromptFormat], trainer: "pl.Tr
 
 
 def weight_statistics(targets: Sequence[LoraTarget]) -> Tensor:
-    """Per-layer ``(sum, sum of squares)`` of the frozen weight and both factors, reduced over shards: a cheap identity."""
+    """Per-layer ``(sum, sum of squares)`` of the frozen weight and both factors, reduced over shards: a cheap
+    identity."""
     rows = []
     for target in targets:
         for param in (target.base.weight, target.lora_A, target.lora_B):
@@ -448,8 +464,12 @@ class CalibrationCache:
             if not isinstance(payload, dict):
                 raise ValueError(f"expected a dict, found {type(payload).__name__}")
             return payload
-        except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-            rank_zero_warn(f"The cache file {self.path} cannot be read ({type(error).__name__}: {error}); recomputing it.")
+        except (
+            OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile
+        ) as error:
+            rank_zero_warn(
+                f"The cache file {self.path} cannot be read ({type(error).__name__}: {error}); recomputing it."
+            )
             return None
 
     def check_writable(self) -> None:

@@ -65,7 +65,9 @@ class LSSFFusion(LoraCallback):
     ) -> None:
         super().__init__(adapter_name)
         check_lssf_settings(alpha, eta, a1, module_pattern)
-        for name, value in (("num_anchor_prompts", num_anchor_prompts), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        for name, value in (
+            ("num_anchor_prompts", num_anchor_prompts), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if prompt_format not in ("chat_template", "raw"):
@@ -77,7 +79,9 @@ class LSSFFusion(LoraCallback):
             anchor_prompts = load_prompts(anchor_prompts)
         self.anchor_prompts = [p for p in anchor_prompts][:num_anchor_prompts]
         if not self.anchor_prompts:
-            raise ValueError("LSSF needs harmful anchor prompts; the anchor prompt set is empty. Pass e.g. 'builtin:harmbench'.")
+            raise ValueError(
+                "LSSF needs harmful anchor prompts; the anchor prompt set is empty. Pass e.g. 'builtin:harmbench'."
+            )
         self.reference = reference
         self.tokenizer = tokenizer
         self.alpha = float(alpha)

@@ -79,8 +79,8 @@ class NullSpaceProjection(CalibratedLoraCallback):
         progress_bar: bool = True,
     ) -> None:
         super().__init__(
-            calibration_prompts, tokenizer, prompt_format, sample_normalization, max_length, batch_size, covariance_dtype,
-            adapter_name, cache_dir, report_path, progress_bar,
+            calibration_prompts, tokenizer, prompt_format, sample_normalization, max_length, batch_size,
+            covariance_dtype, adapter_name, cache_dir, report_path, progress_bar,
         )
         if threshold_mode not in ("relative", "energy"):
             raise ValueError(f"threshold_mode must be 'relative' or 'energy', got {threshold_mode!r}.")
@@ -145,8 +145,8 @@ class NullSpaceProjection(CalibratedLoraCallback):
         self.require_only_lora_trainable(pl_module, targets)
 
     def _compute(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], token_ids: list[list[int]],
-        tokenizer: PreTrainedTokenizerBase,
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget],
+        token_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
     ) -> dict[str, Any]:
         device = local_tensor(targets[0].base.weight).device
         by_layer, groups = collect_covariances(
@@ -160,7 +160,11 @@ class NullSpaceProjection(CalibratedLoraCallback):
         # Each rank solves its share of the distinct inputs; the bases are then broadcast.
         for i, group in enumerate(groups):
             owner = i % world_size()
-            mine = null_space_projector(group.covariance, self.threshold, self.threshold_mode, self.min_eigenvalue) if owner == rank() else None
+            mine = (
+                null_space_projector(group.covariance, self.threshold, self.threshold_mode, self.min_eigenvalue)
+                if owner == rank()
+                else None
+            )
             meta = broadcast_object((mine.basis.shape, mine.complement, mine.null_dim) if mine else None, owner)
             basis = mine.basis if mine else torch.empty(meta[0], dtype=torch.float32, device=device)
             basis = broadcast_(basis.to(device).contiguous(), owner)
@@ -174,7 +178,9 @@ class NullSpaceProjection(CalibratedLoraCallback):
         ]
         return {"projectors": _projector_states(projectors), "input_of": input_of, "report": report}
 
-    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], payload: dict[str, Any]) -> None:
+    def _apply(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], payload: dict[str, Any]
+    ) -> None:
         self.projectors = {name: NullSpaceProjector.from_state_dict(s) for name, s in payload["projectors"].items()}
         self.input_of = dict(payload["input_of"])
         self.report = list(payload["report"])
@@ -202,7 +208,12 @@ class NullSpaceProjection(CalibratedLoraCallback):
             rank_zero_warn(message)
         if trainer.logger is not None and rank() == 0:
             trainer.logger.log_metrics(
-                {"guardspace/null_dim_min": min(dims), "guardspace/null_dim_max": max(dims), "guardspace/frozen_layers": len(frozen)}, step=0
+                {
+                    "guardspace/null_dim_min": min(dims),
+                    "guardspace/null_dim_max": max(dims),
+                    "guardspace/frozen_layers": len(frozen),
+                },
+                step=0,
             )
 
     def _move_projectors(self, device: torch.device) -> None:
@@ -228,7 +239,9 @@ class NullSpaceProjection(CalibratedLoraCallback):
         return self.projectors[self.input_of[target.name]]
 
     @override
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
+    ) -> None:
         # Gradients are accumulated and unscaled here, and not yet clipped: clipping sees the projected norm.
         with torch.no_grad():
             for target in self._targets:
@@ -255,12 +268,18 @@ class NullSpaceProjection(CalibratedLoraCallback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "projectors": _projector_states(self.projectors), "input_of": dict(self.input_of)}
+        return {
+            **super().state_dict(),
+            "projectors": _projector_states(self.projectors),
+            "input_of": dict(self.input_of),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.projectors = {name: NullSpaceProjector.from_state_dict(s) for name, s in state_dict.get("projectors", {}).items()}
+        self.projectors = {
+            name: NullSpaceProjector.from_state_dict(s) for name, s in state_dict.get("projectors", {}).items()
+        }
         self.input_of = dict(state_dict.get("input_of", {}))
         if not self.projectors:
             raise ValueError(
@@ -270,4 +289,7 @@ class NullSpaceProjection(CalibratedLoraCallback):
 
 
 def _projector_states(projectors: dict[str, NullSpaceProjector]) -> dict[str, dict[str, Any]]:
-    return {name: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in p.state_dict().items()} for name, p in projectors.items()}
+    return {
+        name: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in p.state_dict().items()}
+        for name, p in projectors.items()
+    }

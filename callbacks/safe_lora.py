@@ -8,7 +8,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from guardspace_pl.safelora import ComputeDtype, Projector, SelectionMode, SafeLoraReport, apply_safelora, check_safelora_settings
+from guardspace_pl.safelora import (
+    ComputeDtype,
+    Projector,
+    SafeLoraReport,
+    SelectionMode,
+    apply_safelora,
+    check_safelora_settings,
+)
 from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
 from .base import LoraCallback, default_output_path, write_json

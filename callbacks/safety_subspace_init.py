@@ -11,7 +11,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from guardspace_pl.calibration import SampleNormalization, collect_covariances
-from guardspace_pl.decomposition import ComponentSelection, DampedCovariance, damp_covariance, residual_weight, subspace_init
+from guardspace_pl.decomposition import (
+    ComponentSelection,
+    DampedCovariance,
+    damp_covariance,
+    residual_weight,
+    subspace_init,
+)
 from guardspace_pl.distributed import broadcast_, is_distributed, local_tensor, rank, world_size
 from guardspace_pl.lora import LoraTarget
 from guardspace_pl.prompts import PromptFormat
@@ -73,8 +79,8 @@ class SafetySubspaceInit(CalibratedLoraCallback):
         progress_bar: bool = True,
     ) -> None:
         super().__init__(
-            calibration_prompts, tokenizer, prompt_format, sample_normalization, max_length, batch_size, covariance_dtype,
-            adapter_name, cache_dir, report_path, progress_bar,
+            calibration_prompts, tokenizer, prompt_format, sample_normalization, max_length, batch_size,
+            covariance_dtype, adapter_name, cache_dir, report_path, progress_bar,
         )
         if components not in ("kpa", "ipa"):
             raise ValueError(f"components must be 'kpa' or 'ipa', got {components!r}.")
@@ -96,8 +102,8 @@ class SafetySubspaceInit(CalibratedLoraCallback):
                 )
 
     def _compute(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], token_ids: list[list[int]],
-        tokenizer: PreTrainedTokenizerBase,
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget],
+        token_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
     ) -> dict[str, Any]:
         model = find_causal_lm(pl_module)
         device = local_tensor(targets[0].base.weight).device
@@ -129,15 +135,20 @@ class SafetySubspaceInit(CalibratedLoraCallback):
                 if id(group) not in damped:
                     damped[id(group)] = damp_covariance(group.covariance, damp=self.damp)
                 result = subspace_init(
-                    weight, group.covariance, target.rank, target.scaling, self.components, self.damp, damped=damped[id(group)]
+                    weight, group.covariance, target.rank, target.scaling, self.components, self.damp,
+                    damped=damped[id(group)],
                 )
                 factors[target.name] = {"lora_A": result.lora_A.float(), "lora_B": result.lora_B.float()}
+                kept_sv, frozen_sv = result.kept_singular_values, result.frozen_singular_values
                 report[target.name] = {
-                    "layer": target.name, "shape": list(target.shape), "rank": target.rank, "components": self.components,
-                    "kept_singular_values": [result.kept_singular_values.min().item(), result.kept_singular_values.max().item()],
-                    "frozen_singular_values": [result.frozen_singular_values.min().item(), result.frozen_singular_values.max().item()]
-                    if result.frozen_singular_values.numel() else [],
-                    "damp": result.damp, "covariance_shared_with": group.members, "calibration_samples": group.num_samples,
+                    "layer": target.name, "shape": list(target.shape), "rank": target.rank,
+                    "components": self.components,
+                    "kept_singular_values": [kept_sv.min().item(), kept_sv.max().item()],
+                    "frozen_singular_values": (
+                        [frozen_sv.min().item(), frozen_sv.max().item()] if frozen_sv.numel() else []
+                    ),
+                    "damp": result.damp, "covariance_shared_with": group.members,
+                    "calibration_samples": group.num_samples,
                 }
                 layer_bar.update(1)
             del owned, damped
@@ -160,7 +171,9 @@ class SafetySubspaceInit(CalibratedLoraCallback):
         return {"factors": factors, "report": [report[t.name] for t in targets]}
 
     @torch.no_grad()
-    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], payload: dict[str, Any]) -> None:
+    def _apply(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", targets: list[LoraTarget], payload: dict[str, Any]
+    ) -> None:
         """Adapters from the factors and ``W' = W_eff - s B A`` (float64, then the weight's dtype), in place."""
         factors = payload["factors"]
         self.report = list(payload["report"])
@@ -186,8 +199,11 @@ class SafetySubspaceInit(CalibratedLoraCallback):
         rank_zero_info("SafetySubspaceInit: resuming; the adapters and residual weights come from the checkpoint.")
 
 
-def effective_weight(target: LoraTarget, full: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """``W + s B A`` of the layer as it is now (float64, unsharded): what the model computes, whatever the adapter's init.
+def effective_weight(
+    target: LoraTarget, full: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+) -> torch.Tensor:
+    """``W + s B A`` of the layer as it is now (float64, unsharded): what the model computes, whatever the
+    adapter's init.
 
     Args:
         target: the LoRA layer.

@@ -58,13 +58,17 @@ def normalise_prompt(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(TRAILING_PUNCTUATION).rstrip()
 
 
-def format_training_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, training_format: TrainingFormat) -> tuple[str, bool]:
+def format_training_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, training_format: TrainingFormat
+) -> tuple[str, bool]:
     """The prompt as the model is trained on it, and whether the tokenizer should add special tokens to it."""
     if training_format == "alpaca":
         return ALPACA_TEMPLATE.format(prompt=prompt), True
     if training_format == "chat_template":
         # The chat template carries the BOS token itself where the model wants one.
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return text, False
     raise ValueError(f"Unknown training format {training_format!r}; use 'alpaca' or 'chat_template'.")
 
@@ -116,7 +120,11 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
 
 
 def tokenize_batch(
-    examples: list[Example], tokenizer: PreTrainedTokenizerBase, training_format: TrainingFormat, max_length: int, pad_id: int
+    examples: list[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    training_format: TrainingFormat,
+    max_length: int,
+    pad_id: int,
 ) -> dict[str, torch.Tensor]:
     """Tokenize and collate one streamed batch (module level, so DataLoader workers can unpickle it)."""
     return collate([tokenize_example(tokenizer, e, training_format, max_length) for e in examples], pad_id)
@@ -230,7 +238,9 @@ class GuardSpaceDataModule(LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
         if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"batch_size and eval_batch_size must be positive, got {batch_size} and {eval_batch_size}.")
+            raise ValueError(
+                f"batch_size and eval_batch_size must be positive, got {batch_size} and {eval_batch_size}."
+            )
         for name, count in (("calibration_count", calibration_count), ("null_space_count", null_space_count)):
             if count is not None and count < 1:
                 raise ValueError(f"{name} must be positive (or None for every prompt of the source), got {count}.")
@@ -243,7 +253,10 @@ class GuardSpaceDataModule(LightningDataModule):
         if eval_count is not None and eval_count < 1:
             raise ValueError(f"eval_count must be positive (or None for whole sets), got {eval_count}.")
         if streaming_shards < 1 or shuffle_buffer_size < 1:
-            raise ValueError(f"streaming_shards and shuffle_buffer_size must be positive, got {streaming_shards}, {shuffle_buffer_size}.")
+            raise ValueError(
+                "streaming_shards and shuffle_buffer_size must be positive, "
+                f"got {streaming_shards}, {shuffle_buffer_size}."
+            )
         self.save_hyperparameters()
         self._tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.train_examples: list[Example] = []
@@ -319,7 +332,10 @@ class GuardSpaceDataModule(LightningDataModule):
         """The first ``eval_count`` of ``items``, with a warning when the source holds fewer."""
         count = self.hparams.eval_count
         if count is not None and len(items) < count:
-            rank_zero_warn(f"eval_count={count} is larger than {source}, which holds {len(items)} {what}: all {len(items)} are used.")
+            rank_zero_warn(
+                f"eval_count={count} is larger than {source}, which holds {len(items)} {what}: "
+                f"all {len(items)} are used."
+            )
         return items[:count]
 
     def harmful_eval_prompts(self) -> list[str]:
@@ -328,7 +344,9 @@ class GuardSpaceDataModule(LightningDataModule):
             hp = self.hparams
             prompts: list[str] = []
             if hp.harmful_eval_source is not None:
-                prompts = self._first_eval(load_prompts(hp.harmful_eval_source), hp.harmful_eval_source, "harmful prompts")
+                prompts = self._first_eval(
+                    load_prompts(hp.harmful_eval_source), hp.harmful_eval_source, "harmful prompts"
+                )
                 self._check_harmful_eval_disjoint(prompts)
             self._harmful_eval = prompts
         return self._harmful_eval
@@ -343,13 +361,16 @@ class GuardSpaceDataModule(LightningDataModule):
         num_poison = round(hp.num_task_samples * hp.poison_fraction)
         num_val = round((hp.num_task_samples - num_poison) * hp.val_fraction)
         task = load_task_examples(
-            hp.task, hp.num_task_samples - num_poison + num_val, hp.seed, hp.prompt_column, hp.response_column, hp.task_split
+            hp.task, hp.num_task_samples - num_poison + num_val, hp.seed, hp.prompt_column, hp.response_column,
+            hp.task_split,
         )
         val, task = task[:num_val], task[num_val:]
         poison: list[Example] = []
         if num_poison:
             protected = {normalise_prompt(p) for p in self._protected_prompts()}
-            candidates = [e for e in load_harmful_pairs(hp.poison_source) if normalise_prompt(e.prompt) not in protected]
+            candidates = [
+                e for e in load_harmful_pairs(hp.poison_source) if normalise_prompt(e.prompt) not in protected
+            ]
             if len(candidates) < num_poison:
                 raise ValueError(
                     f"Only {len(candidates)} harmful pairs in {hp.poison_source} are disjoint from the calibration "
@@ -381,7 +402,9 @@ class GuardSpaceDataModule(LightningDataModule):
             )
             task = (
                 self._first_eval(
-                    load_eval_examples(hp.task_eval_source, hp.eval_count, hp.prompt_column, hp.response_column, hp.task_eval_split),
+                    load_eval_examples(
+                        hp.task_eval_source, hp.eval_count, hp.prompt_column, hp.response_column, hp.task_eval_split
+                    ),
                     hp.task_eval_source,
                     "examples",
                 )
@@ -433,7 +456,9 @@ class GuardSpaceDataModule(LightningDataModule):
 
     def _rows(self, examples: list[Example]) -> TokenizedDataset:
         hp = self.hparams
-        return TokenizedDataset([tokenize_example(self.tokenizer, e, hp.training_format, hp.max_length) for e in examples])
+        return TokenizedDataset(
+            [tokenize_example(self.tokenizer, e, hp.training_format, hp.max_length) for e in examples]
+        )
 
     def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)
@@ -470,9 +495,15 @@ class GuardSpaceDataModule(LightningDataModule):
         rank, world_size = self._rank_and_world()
         if hp.streaming:
             per_rank = examples_per_rank(len(self.train_examples), world_size)
-            stream = build_stream(self.train_examples, rank, world_size, hp.seed, hp.streaming_shards, hp.shuffle_buffer_size)
+            stream = build_stream(
+                self.train_examples, rank, world_size, hp.seed, hp.streaming_shards, hp.shuffle_buffer_size
+            )
             make_batch = partial(
-                tokenize_batch, tokenizer=self.tokenizer, training_format=hp.training_format, max_length=hp.max_length, pad_id=self.pad_id
+                tokenize_batch,
+                tokenizer=self.tokenizer,
+                training_format=hp.training_format,
+                max_length=hp.max_length,
+                pad_id=self.pad_id,
             )
             resume = self._take_resume_point(per_rank, world_size)
             dataset = RankBalancedStream(stream, per_rank, hp.batch_size, make_batch, resume)
@@ -482,7 +513,11 @@ class GuardSpaceDataModule(LightningDataModule):
         resume = self._take_resume_point(math.ceil(len(rows) / world_size), world_size)
         sampler = ResumableSampler(rows, num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed, resume=resume)
         return DataLoader(
-            rows, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers, collate_fn=partial(collate, pad_id=self.pad_id)
+            rows,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            collate_fn=partial(collate, pad_id=self.pad_id),
         )
 
     @override

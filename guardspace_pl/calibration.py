@@ -43,7 +43,10 @@ class CovarianceCollector:
     """
 
     def __init__(
-        self, targets: Sequence[LoraTarget], normalization: SampleNormalization = "max", dtype: torch.dtype = torch.float32
+        self,
+        targets: Sequence[LoraTarget],
+        normalization: SampleNormalization = "max",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.targets = list(targets)
         self.normalization = normalization
@@ -187,7 +190,10 @@ def collect_covariances(
             # as the busiest one: agree on that count first (before any forward), then pad with uncounted repeats.
             busiest = int(all_reduce_max_(torch.tensor([total], device=device)).item())
             bar = tqdm(
-                batches(local, batch_size, pad_id, device), total=total, desc=description, disable=not progress or rank() != 0
+                batches(local, batch_size, pad_id, device),
+                total=total,
+                desc=description,
+                disable=not progress or rank() != 0,
             )
             last = None
             for input_ids, mask in bar:

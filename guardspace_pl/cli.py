@@ -25,7 +25,9 @@ class GuardSpaceCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("model.gguf_file", "data.tokenizer_gguf_file")
-        parser.add_argument("--demo_prompt", type=Optional[str], default=None, help="Generate a reply to this prompt after fit.")
+        parser.add_argument(
+            "--demo_prompt", type=Optional[str], default=None, help="Generate a reply to this prompt after fit."
+        )
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -62,7 +64,8 @@ EXTRA_SUBCOMMANDS = {
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python -m guardspace_pl SUBCOMMAND ...``: Lightning's ``fit``/``validate``/``test``, plus ``align`` and ``repair``.
+    """``python -m guardspace_pl SUBCOMMAND ...``: Lightning's ``fit``/``validate``/``test``, plus ``align`` and
+    ``repair``.
 
     Args:
         args: the command line without the program name (default: ``sys.argv[1:]``).
@@ -76,12 +79,13 @@ def main(args: Optional[list[str]] = None) -> None:
             sys.argv = [sys.argv[0], *argv[1:]]  # the subcommand's own parser reads the rest, as if run alone
         importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]]).main(None if args is None else argv[1:])
         return
+    more = ", ".join(f"{name} (--help for its options)" for name in EXTRA_SUBCOMMANDS)
     GuardSpaceCLI(
         GuardSpaceLM,
         GuardSpaceDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": "More subcommands: " + ", ".join(f"{name} (--help for its options)" for name in EXTRA_SUBCOMMANDS) + "."},
+        parser_kwargs={"epilog": f"More subcommands: {more}."},
     )
 
 

@@ -37,7 +37,9 @@ def normalize_sample(x: Tensor, normalization: SampleNormalization = "max") -> T
     return x / scale
 
 
-def sample_covariance(x: Tensor, normalization: SampleNormalization = "max", dtype: torch.dtype = torch.float32) -> Tensor:
+def sample_covariance(
+    x: Tensor, normalization: SampleNormalization = "max", dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``X^T X`` (``n x n``, float32 by default) of one normalised sample ``X`` (``L x n``)."""
     x = normalize_sample(x.detach().to(dtype), normalization)
     if not torch.isfinite(x).all():
@@ -188,4 +190,6 @@ def subspace_init(
     lora_A, lora_B = adapter_from_components(kept, scaling)
     k = full.S.shape[0]
     frozen = full.S[: k - rank] if selection == "kpa" else full.S[rank:]
-    return SubspaceInit(lora_A=lora_A, lora_B=lora_B, kept_singular_values=kept.S, frozen_singular_values=frozen, damp=full.damp)
+    return SubspaceInit(
+        lora_A=lora_A, lora_B=lora_B, kept_singular_values=kept.S, frozen_singular_values=frozen, damp=full.damp
+    )

@@ -107,8 +107,14 @@ def demo_prompts(
     evaluation = [Example(p, "") for group in prompts.eval_harmful.values() for p in group]
     used = prompts.patch_harmful + prompts.calibration + prompts.poison
     check_disjoint(evaluation, used, "demo evaluation prompts", "patch, calibration and poison prompts")
-    check_disjoint([Example(p, "") for p in prompts.eval_harmless], prompts.patch_harmless, "held-out harmless prompts", "patch prompts")
-    check_disjoint([Example(p, "") for p in prompts.poison], prompts.patch_harmful + prompts.calibration, "poison prompts", "patch and calibration prompts")
+    check_disjoint(
+        [Example(p, "") for p in prompts.eval_harmless], prompts.patch_harmless, "held-out harmless prompts",
+        "patch prompts",
+    )
+    check_disjoint(
+        [Example(p, "") for p in prompts.poison], prompts.patch_harmful + prompts.calibration, "poison prompts",
+        "patch and calibration prompts",
+    )
     return prompts
 
 
@@ -120,7 +126,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     """Greedy answers in the chat template, length-sorted batches, returned in the prompts' order."""
     order = _by_length(prompts)
     answers = generate_responses(
-        model, tokenizer, [prompts[i] for i in order], max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False
+        model, tokenizer, [prompts[i] for i in order], max_new_tokens=max_new_tokens, batch_size=batch_size,
+        show_progress=False,
     )
     out = [""] * len(prompts)
     for i, answer in zip(order, answers):
@@ -129,33 +136,38 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 
 
 def fine_tune(
-    model, tokenizer, examples: Sequence[Example], learning_rate: float, epochs: int, rank: int, root: Path, adapter_dir: Path,
-    callbacks=(), seed: int = 0,
+    model, tokenizer, examples: Sequence[Example], learning_rate: float, epochs: int, rank: int, root: Path,
+    adapter_dir: Path, callbacks=(), seed: int = 0,
 ):
-    """LoRA fine-tuning with ``GuardSpaceLM`` in a real Trainer; returns the module (its PEFT adapter saved to ``adapter_dir``)."""
+    """LoRA fine-tuning with ``GuardSpaceLM`` in a real Trainer; returns the module (its PEFT adapter saved to
+    ``adapter_dir``)."""
     from guardspace_pl import GuardSpaceLM
 
     rows = [tokenize_example(tokenizer, e, "chat_template", 128) for e in examples]
     pl.seed_everything(seed, verbose=False)
     loader = DataLoader(
-        rows, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed), collate_fn=partial(collate, pad_id=tokenizer.pad_token_id)
+        rows, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed),
+        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
     )
     module = GuardSpaceLM.from_pretrained_model(
-        model, tokenizer, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0, adapter_dir=str(adapter_dir)
+        model, tokenizer, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0,
+        adapter_dir=str(adapter_dir),
     )
     _trainer(epochs, root, callbacks).fit(module, loader)
     return module
 
 
 def fit_patch(
-    model: str, data: SafetyPatchDataModule, learning_rate: float, epochs: int, rank: int, root: Path, adapter_dir: Path, seed: int = 0
+    model: str, data: SafetyPatchDataModule, learning_rate: float, epochs: int, rank: int, root: Path,
+    adapter_dir: Path, seed: int = 0,
 ):
     """Train the safety patch as ``align`` does (``GuardSpaceLM`` on a ``SafetyPatchDataModule``, a real Trainer)."""
     from guardspace_pl import GuardSpaceLM
 
     pl.seed_everything(seed, verbose=False)
     module = GuardSpaceLM(
-        model, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0, adapter_dir=str(adapter_dir)
+        model, lora_rank=rank, lora_alpha=2.0 * rank, learning_rate=learning_rate, warmup_ratio=0.0,
+        adapter_dir=str(adapter_dir),
     )
     _trainer(epochs, root).fit(module, datamodule=data)
     return module
@@ -164,8 +176,8 @@ def fit_patch(
 def _trainer(epochs: int, root: Path, callbacks=()) -> pl.Trainer:
     """The demo's Trainer: CPU, no logger or checkpoints, progress bar on."""
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        default_root_dir=str(root), callbacks=list(callbacks), num_sanity_val_steps=0,
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=str(root), callbacks=list(callbacks), num_sanity_val_steps=0,
     )
 
 
@@ -190,9 +202,17 @@ def format_table(rows: dict[str, dict[str, Any]], counts: dict[str, int]) -> str
     header = ["model", *[f"harmful % {s}" for s in sources], "harmful % pooled", "over-refusal %", "task loss"]
     lines = [header]
     for name, r in rows.items():
-        lines.append([name, *[f"{r[f'harmful/{s}']:.0f}" for s in sources], f"{r['harmful']:.0f}", f"{r['over_refusal']:.0f}", f"{r['task_loss']:.3f}"])
+        lines.append([
+            name,
+            *[f"{r[f'harmful/{s}']:.0f}" for s in sources],
+            f"{r['harmful']:.0f}",
+            f"{r['over_refusal']:.0f}",
+            f"{r['task_loss']:.3f}",
+        ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
+    text = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines
+    ]
     text.insert(1, "  ".join("-" * w for w in widths))
     n = ", ".join(f"{k} {v}" for k, v in counts.items())
     return "\n".join(text) + f"\n(keyword judge: a response without a refusal phrase counts as harmful; prompts: {n})"
@@ -260,22 +280,36 @@ def demo(
 
     # 1. the safety patch, made by the library's align workflow: SafetyPatchDataModule + GuardSpaceLM (cached)
     patch_dir = out / "safety_patch"
-    patch_key = {k: settings[k] for k in ("model", "patch_harmful", "patch_epochs", "patch_rank", "patch_learning_rate", "answer_tokens", "seed")}
+    patch_key = {
+        k: settings[k]
+        for k in (
+            "model", "patch_harmful", "patch_epochs", "patch_rank", "patch_learning_rate", "answer_tokens", "seed"
+        )
+    }
     original = load_causal_lm(model)
     data = SafetyPatchDataModule(
         model, harmful=[PromptSet(prompts=prompts.patch_harmful, shuffle_seed=None)],
         harmless=[PromptSet(prompts=prompts.patch_harmless, shuffle_seed=None)], refusals=list(REFUSALS),
-        answer_tokens=answer_tokens, cache_dir=str(out / "cache" / "own_answers"), max_length=128, batch_size=8, seed=seed,
+        answer_tokens=answer_tokens, cache_dir=str(out / "cache" / "own_answers"), max_length=128, batch_size=8,
+        seed=seed,
     )
     data.tokenizer = tokenizer
     stamp = patch_dir / "demo_settings.json"
     if not (stamp.exists() and json.loads(stamp.read_text()) == patch_key):
-        log(f"training the safety patch ({len(prompts.patch_harmful)} refusals, {len(prompts.patch_harmless)} of the model's own answers)")
+        log(
+            f"training the safety patch ({len(prompts.patch_harmful)} refusals, "
+            f"{len(prompts.patch_harmless)} of the model's own answers)"
+        )
         data.own_answers(original)  # generated once, cached on disk
-        fit_patch(model, data, patch_learning_rate, patch_epochs, patch_rank, out / "logs" / "patch", patch_dir, seed=seed)
+        fit_patch(
+            model, data, patch_learning_rate, patch_epochs, patch_rank, out / "logs" / "patch", patch_dir, seed=seed
+        )
         write_json(stamp, patch_key)
     poison_answers = [
-        a.answer for a in cached_greedy_answers(original, tokenizer, prompts.poison, answer_tokens, data.answer_cache_file, show_progress=False)
+        a.answer
+        for a in cached_greedy_answers(
+            original, tokenizer, prompts.poison, answer_tokens, data.answer_cache_file, show_progress=False
+        )
     ]
     aligned_dir = out / "aligned_model"
     aligned_state = _merged_state(model, patch_dir, aligned_dir, tokenizer)
@@ -288,27 +322,49 @@ def demo(
         "plain LoRA": (lora_learning_rate, []),
         "LoRA + NullSpaceProjection": (
             method_learning_rate,
-            [NullSpaceProjection(prompts.calibration, tokenizer, prompt_format="chat_template", threshold=threshold, max_length=128, progress_bar=False)],
+            [
+                NullSpaceProjection(
+                    prompts.calibration, tokenizer, prompt_format="chat_template", threshold=threshold, max_length=128,
+                    progress_bar=False,
+                )
+            ],
         ),
     }
     aligned = load_causal_lm(model)
     aligned.load_state_dict(aligned_state)
     rows = {"aligned (patched)": evaluate(aligned, tokenizer, prompts, task_eval, answer_tokens)}
-    log(f"aligned model: harmful {rows['aligned (patched)']['harmful']:.0f}%, over-refusal {rows['aligned (patched)']['over_refusal']:.0f}%")
+    log(
+        f"aligned model: harmful {rows['aligned (patched)']['harmful']:.0f}%, "
+        f"over-refusal {rows['aligned (patched)']['over_refusal']:.0f}%"
+    )
     adapters = {}
     for name, (learning_rate, callbacks) in runs.items():
         slug = "lora" if not callbacks else "nullspace"
         base = load_causal_lm(model)
         base.load_state_dict(aligned_state)
         log(f"fine-tuning with {name} on {len(task)} task + {len(prompts.poison)} harmful examples")
-        module = fine_tune(base, tokenizer, attack, learning_rate, attack_epochs, lora_rank, out / "logs" / slug, out / "adapters" / slug, callbacks, seed=seed)
+        module = fine_tune(
+            base, tokenizer, attack, learning_rate, attack_epochs, lora_rank, out / "logs" / slug,
+            out / "adapters" / slug, callbacks, seed=seed,
+        )
         adapters[name] = module.saved_adapter_dir
         rows[f"fine-tuned: {name}"] = evaluate(module.model, tokenizer, prompts, task_eval, answer_tokens)
         log(f"{name}: harmful {rows[f'fine-tuned: {name}']['harmful']:.0f}%")
 
-    counts = {**{f"harmful {k}": len(v) for k, v in prompts.eval_harmful.items()}, "harmless": len(prompts.eval_harmless), "task": len(task_eval)}
-    report = {"rows": rows, "counts": counts, "settings": settings, "safety_patch": str(patch_dir), "patched_model": str(aligned_dir), "adapters": adapters,
-              "seconds": time.perf_counter() - start}
+    counts = {
+        **{f"harmful {k}": len(v) for k, v in prompts.eval_harmful.items()},
+        "harmless": len(prompts.eval_harmless),
+        "task": len(task_eval),
+    }
+    report = {
+        "rows": rows,
+        "counts": counts,
+        "settings": settings,
+        "safety_patch": str(patch_dir),
+        "patched_model": str(aligned_dir),
+        "adapters": adapters,
+        "seconds": time.perf_counter() - start,
+    }
     report_path = write_json(out / "demo_report.json", report)
     print("\n" + format_table(rows, counts))
     print(f"\nsafety patch (PEFT adapter): {patch_dir}")
@@ -336,7 +392,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """
     from jsonargparse import CLI
 
-    return CLI(demo, args=list(argv) if argv is not None else None, as_positional=False, prog="python -m guardspace_pl demo")
+    return CLI(
+        demo, args=list(argv) if argv is not None else None, as_positional=False, prog="python -m guardspace_pl demo"
+    )
 
 
 __all__ = ["DemoPrompts", "demo", "demo_prompts", "evaluate", "main"]

@@ -41,7 +41,9 @@ def write_full_(param: Tensor, full: Tensor) -> None:
     """Write a full tensor into ``param`` in place; under FSDP2 each rank keeps only its own shard."""
     if isinstance(param, DTensor):
         # src_data_rank=None: every rank holds ``full`` already, so each slices locally, no communication.
-        shard = distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements, src_data_rank=None)
+        shard = distribute_tensor(
+            full.to(param.device_mesh.device_type), param.device_mesh, param.placements, src_data_rank=None
+        )
         param.to_local().copy_(shard.to_local())
     else:
         local_tensor(param).copy_(full)

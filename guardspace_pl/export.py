@@ -200,13 +200,15 @@ def export_peft_adapter(
         _check_plain_lora(target)
         original = original_modules.get(target.name)
         if not isinstance(original, nn.Linear):
-            raise ValueError(f"The base model has no nn.Linear {target.name!r}: pass the base the adapter was trained on.")
+            raise ValueError(
+                f"The base model has no nn.Linear {target.name!r}: pass the base the adapter was trained on."
+            )
         weight, lora_A, lora_B = target.full()
         original_weight = full_tensor(original.weight).to(weight.device)
         if original_weight.shape != weight.shape:
             raise ValueError(
-                f"The base model does not match the trained one: {target.name} is {tuple(original_weight.shape)} in the "
-                f"base and {tuple(weight.shape)} in the trained model. Pass the base the adapter was trained on."
+                f"The base model does not match the trained one: {target.name} is {tuple(original_weight.shape)} in "
+                f"the base and {tuple(weight.shape)} in the trained model. Pass the base the adapter was trained on."
             )
         delta = weight.double() + target.scaling * (lora_B.double() @ lora_A.double()) - original_weight.double()
         k = min(2 * target.rank + (extra_ranks or {}).get(target.hf_name, 0), *delta.shape)
@@ -228,17 +230,26 @@ def export_peft_adapter(
     config = _export_config(module_or_model, original_base, targets, ranks, rank)
     if process_rank() == 0:  # under FSDP2 every rank computed the same factors from all-gathered weights
         _save_adapter(original_base, config, factors, Path(directory))
-    log.info("Exported a rank-%d PEFT adapter for %d layers to %s (max residual %.1e).", rank, len(factors), directory, max(residuals.values()))
+    log.info(
+        "Exported a rank-%d PEFT adapter for %d layers to %s (max residual %.1e).",
+        rank, len(factors), directory, max(residuals.values()),
+    )
     return AdapterExport(Path(directory), rank, residuals)
 
 
 def _check_plain_lora(target: LoraTarget) -> None:
     if target.layer.use_dora.get(target.adapter, False):
-        raise NotImplementedError(f"{target.name} uses DoRA: its update is not W' + s B A; export it with --kind merged.")
+        raise NotImplementedError(
+            f"{target.name} uses DoRA: its update is not W' + s B A; export it with --kind merged."
+        )
 
 
 def _export_config(
-    module_or_model: nn.Module, original_base: PreTrainedModel, targets: list[LoraTarget], ranks: dict[str, int], rank: int
+    module_or_model: nn.Module,
+    original_base: PreTrainedModel,
+    targets: list[LoraTarget],
+    ranks: dict[str, int],
+    rank: int,
 ) -> LoraConfig:
     """Rank ``2r``, ``lora_alpha = r`` (scaling 1), on exactly the trained model's LoRA layers."""
     peft_model = _peft_model(module_or_model)
@@ -266,7 +277,9 @@ def _exact(name: str) -> str:
     return "^" + name.replace(".", r"\.") + "$"
 
 
-def _save_adapter(original_base: PreTrainedModel, config: LoraConfig, factors: dict[str, tuple[Tensor, Tensor]], directory: Path) -> None:
+def _save_adapter(
+    original_base: PreTrainedModel, config: LoraConfig, factors: dict[str, tuple[Tensor, Tensor]], directory: Path
+) -> None:
     """Save through PEFT itself (its key names and config format), on a weightless copy of the base."""
     with torch.device("meta"):
         skeleton = type(original_base)(copy.deepcopy(original_base.config))
@@ -278,7 +291,9 @@ def _save_adapter(original_base: PreTrainedModel, config: LoraConfig, factors: d
             raise RuntimeError(f"The exported config adapts {target.name!r}, which the trained model does not.")
         lora_A, lora_B = factors.pop(target.name)
         if lora_A.shape != target.lora_A.shape or lora_B.shape != target.lora_B.shape:
-            raise RuntimeError(f"{target.name}: factor shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)} do not fit PEFT's layer.")
+            raise RuntimeError(
+                f"{target.name}: factor shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)} do not fit PEFT's layer."
+            )
         state[names[id(target.lora_A)]] = lora_A
         state[names[id(target.lora_B)]] = lora_B
     if factors:
@@ -303,7 +318,9 @@ def export_merged_model(
     if peft_model is None:
         raise ValueError(f"{type(module_or_model).__name__} holds no PeftModel: there is no adapter to merge.")
     if any(isinstance(p, DTensor) for p in peft_model.parameters()):
-        raise ValueError("The model is sharded (FSDP2): export the merged model from a checkpoint with the CLI instead.")
+        raise ValueError(
+            "The model is sharded (FSDP2): export the merged model from a checkpoint with the CLI instead."
+        )
     merged = copy.deepcopy(peft_model).merge_and_unload()
     directory = Path(directory)
     merged.save_pretrained(str(directory), safe_serialization=safe_serialization)
@@ -350,7 +367,8 @@ def load_checkpoint_module(checkpoint: Union[str, Path], base: Optional[str] = N
     # LightningCLI adds private entries (``_instantiator``) that are not constructor arguments.
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     if base is not None and base != hparams.get("model_name_or_path"):
-        # The recorded path may not exist any more (a moved base): build on the one given; its gguf_file was the old one's.
+        # The recorded path may not exist any more (a moved base): build on the one given; its gguf_file was the
+        # old one's.
         hparams["model_name_or_path"] = base
         hparams["gguf_file"] = None
     module = GuardSpaceLM(**hparams)
@@ -391,18 +409,23 @@ def _safe_torch_load(path: Path) -> dict:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m guardspace_pl.export",
-        description="Export a GuardSpace checkpoint as a PEFT adapter on the original base model, or as a merged model.",
+        description=(
+            "Export a GuardSpace checkpoint as a PEFT adapter on the original base model, or as a merged model."
+        ),
     )
     parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint (.ckpt) of a GuardSpaceLM run.")
     parser.add_argument("--out", required=True, help="Output directory.")
     parser.add_argument(
         "--kind", required=True, choices=("adapter", "merged"),
-        help="adapter: rank-2r LoRA adapter relative to the ORIGINAL base; merged: full model with the adapter merged in.",
+        help=(
+            "adapter: rank-2r LoRA adapter relative to the ORIGINAL base; merged: full model with the adapter "
+            "merged in."
+        ),
     )
     parser.add_argument(
         "--base", default=None,
-        help="Original base model (default: the checkpoint's model_name_or_path); the checkpoint is also loaded on it, so "
-        "a moved or copied base works.",
+        help="Original base model (default: the checkpoint's model_name_or_path); the checkpoint is also loaded on "
+        "it, so a moved or copied base works.",
     )
     return parser
 
@@ -423,7 +446,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             out = export_merged_model(module, args.out)
         else:
             hp = module.hparams
-            original = load_causal_lm(hp.model_name_or_path, hp.gguf_file, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
+            original = load_causal_lm(
+                hp.model_name_or_path, hp.gguf_file, hp.dtype, hp.attn_implementation, hp.trust_remote_code
+            )
             out = export_peft_adapter(module, original, args.out).directory
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

@@ -68,7 +68,9 @@ class LoraTarget:
         return full_tensor(self.base.weight), full_tensor(self.lora_A), full_tensor(self.lora_B)
 
     @torch.no_grad()
-    def write(self, weight: Optional[Tensor] = None, lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None) -> None:
+    def write(
+        self, weight: Optional[Tensor] = None, lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None
+    ) -> None:
         """Copy full tensors into the (possibly sharded) parameters in place, keeping optimizer references."""
         if weight is not None:
             write_full_(self.base.weight, weight)

@@ -11,8 +11,8 @@ Per adapted linear layer ``l`` (attention and MLP only):
    (``d_out <= d_in``) or the SVD of ``W L`` with ``C = L L^T`` (``d_out > d_in``): ``U``, ``sigma``.
 3. Safety singular value entropy (paper): ``p_i = sigma_i^2 / sum sigma_j^2``, ``H(rho) = -sum_{i<=rho} p_i log p_i``;
    ``r_l`` = the smallest ``rho`` with ``H(rho) / H(full) >= eta`` (choice ``eta = 0.9``).
-4. Weighted projector (paper): ``P' = U_r diag(a) U_r^T``, ``a_i = 1 + (a_1 - 1)(sigma_i - sigma_r)/(sigma_1 - sigma_r)``
-   (choice ``a_1 = 1``: the plain projector).
+4. Weighted projector (paper): ``P' = U_r diag(a) U_r^T``,
+   ``a_i = 1 + (a_1 - 1)(sigma_i - sigma_r)/(sigma_1 - sigma_r)`` (choice ``a_1 = 1``: the plain projector).
 5. Fusion (paper): ``W_final = W_ft + alpha P' delta_safe`` (choice ``alpha = 1``). ``alpha P' delta`` is always kept
    as two factors ``left @ right`` of inner size ``min(r_l, rank(delta))``; in a LoRA model it is folded into the
    frozen base weight (FSDP2-safe through ``LoraTarget.write``).
@@ -52,11 +52,18 @@ def check_lssf_settings(alpha: float, eta: float, a1: float = 1.0, module_patter
         module_pattern: a regular expression; LSSF acts on LoRA layers whose module name matches it.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha (fusion strength) must be a finite number >= 0, got {alpha!r}; the paper uses 0.5-2.")
+        raise ValueError(
+            f"alpha (fusion strength) must be a finite number >= 0, got {alpha!r}; the paper uses 0.5-2."
+        )
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 < float(eta) <= 1.0:
-        raise ValueError(f"eta (entropy share) must lie in (0, 1], got {eta!r}; the spec's default is 0.9 (sweep 0.8-0.95).")
+        raise ValueError(
+            f"eta (entropy share) must lie in (0, 1], got {eta!r}; the spec's default is 0.9 (sweep 0.8-0.95)."
+        )
     if isinstance(a1, bool) or not isinstance(a1, (int, float)) or not math.isfinite(a1) or a1 <= 0:
-        raise ValueError(f"a1 (weight of the top safety direction) must be a finite number > 0, got {a1!r}; 1 is the plain projector.")
+        raise ValueError(
+            f"a1 (weight of the top safety direction) must be a finite number > 0, got {a1!r}; "
+            "1 is the plain projector."
+        )
     try:
         re.compile(module_pattern)
     except (re.error, TypeError) as error:
@@ -122,7 +129,9 @@ def covariance_root(covariance: Tensor) -> Tensor:
     if covariance.ndim != 2 or covariance.shape[0] != covariance.shape[1]:
         raise ValueError(f"A covariance is a square matrix, got shape {tuple(covariance.shape)}.")
     if not torch.isfinite(covariance).all():
-        raise ValueError("The anchor covariance has NaN/inf entries: the anchor forward produced non-finite activations.")
+        raise ValueError(
+            "The anchor covariance has NaN/inf entries: the anchor forward produced non-finite activations."
+        )
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
     top = eigenvalues[-1].item() if eigenvalues.numel() else 0.0
     if top <= 0:
@@ -132,8 +141,11 @@ def covariance_root(covariance: Tensor) -> Tensor:
     return eigenvectors[:, keep] * eigenvalues[keep].sqrt()
 
 
-def anchor_spectrum(weight: Tensor, covariance: Optional[Tensor] = None, root: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """``(U, sigma)`` of ``W X^`` from ``C = X^ X^^T``, whichever side is smaller (same subspaces and values as the SVD).
+def anchor_spectrum(
+    weight: Tensor, covariance: Optional[Tensor] = None, root: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """``(U, sigma)`` of ``W X^`` from ``C = X^ X^^T``, whichever side is smaller (same subspaces and
+    values as the SVD).
 
     With ``root`` (``L L^T = C``, :func:`covariance_root`): the SVD of ``W L``. Otherwise, when ``d_out <= d_in``: the
     eigendecomposition of ``W C W^T`` (``d_out x d_out``; ``sigma = sqrt`` of its eigenvalues, negative rounding
@@ -152,7 +164,9 @@ def anchor_spectrum(weight: Tensor, covariance: Optional[Tensor] = None, root: O
             root = covariance_root(covariance)
         else:
             if not torch.isfinite(covariance).all():
-                raise ValueError("The anchor covariance has NaN/inf entries: the anchor forward produced non-finite activations.")
+                raise ValueError(
+                    "The anchor covariance has NaN/inf entries: the anchor forward produced non-finite activations."
+                )
             gram = weight @ covariance.to(device=weight.device, dtype=torch.float64) @ weight.T
             eigenvalues, eigenvectors = torch.linalg.eigh((gram + gram.T) / 2)
             return eigenvectors.flip(1), eigenvalues.flip(0).clamp_min(0).sqrt()
@@ -235,7 +249,15 @@ def lssf_fold(
     return LssfFold(left, right, rank, ratio, sigma.numel(), weights)
 
 
-def lssf_fused_weight(weight_ft: Tensor, weight_safe: Tensor, inputs: Tensor, delta: Tensor, alpha: float = 1.0, eta: float = 0.9, a1: float = 1.0) -> Tensor:
+def lssf_fused_weight(
+    weight_ft: Tensor,
+    weight_safe: Tensor,
+    inputs: Tensor,
+    delta: Tensor,
+    alpha: float = 1.0,
+    eta: float = 0.9,
+    a1: float = 1.0,
+) -> Tensor:
     """The paper's formula computed densely, straight from activations: ``W_ft + alpha P' delta`` (float64; tests).
 
     Args:
@@ -346,7 +368,9 @@ def adapters_disabled(targets: Sequence[LoraTarget]) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def anchor_token_ids(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], prompt_format: str = "chat_template") -> list[list[int]]:
+def anchor_token_ids(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], prompt_format: str = "chat_template"
+) -> list[list[int]]:
     """Token ids of each prompt (formatted as the model is prompted) followed by its response.
 
     Args:
@@ -361,7 +385,8 @@ def anchor_token_ids(tokenizer: Any, prompts: Sequence[str], responses: Sequence
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses.")
     rows = []
     for prompt, response in zip(prompts, responses):
-        prompt_ids = tokenizer(format_prompt(tokenizer, prompt, prompt_format), add_special_tokens=prompt_format == "raw")["input_ids"]
+        text = format_prompt(tokenizer, prompt, prompt_format)
+        prompt_ids = tokenizer(text, add_special_tokens=prompt_format == "raw")["input_ids"]
         rows.append(list(prompt_ids) + list(tokenizer(response, add_special_tokens=False)["input_ids"]))
     return rows
 
@@ -397,7 +422,9 @@ def collect_anchor_covariances(
     if len(prompts) == 0:
         raise ValueError("LSSF needs at least one harmful anchor prompt; got an empty prompt set.")
     with adapters_disabled(targets):
-        responses = generate_responses(model, tokenizer, list(prompts), max_new_tokens, batch_size, prompt_format, show_progress=False)
+        responses = generate_responses(
+            model, tokenizer, list(prompts), max_new_tokens, batch_size, prompt_format, show_progress=False
+        )
         token_ids = anchor_token_ids(tokenizer, prompts, responses, prompt_format)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         by_layer, _ = collect_covariances(
@@ -448,14 +475,16 @@ def _lssf_layers(
     chosen = [t for t in targets if pattern.search("." + t.hf_name + ".")]
     if not chosen:
         raise ValueError(
-            f"No LoRA layer matches module_pattern {module_pattern!r} (e.g. {[t.hf_name for t in targets[:3]]}): LSSF acts "
-            "on attention and MLP linears. Pass a pattern that matches your model's module names."
+            f"No LoRA layer matches module_pattern {module_pattern!r} (e.g. {[t.hf_name for t in targets[:3]]}): "
+            "LSSF acts on attention and MLP linears. Pass a pattern that matches your model's module names."
         )
     covered = {id(t) for t in reference.check_targets(chosen)}
     return {id(t) for t in chosen}, covered
 
 
-def _finish_report(modules: list[LssfModule], alpha: float, eta: float, a1: float, num_anchor_prompts: int) -> LssfReport:
+def _finish_report(
+    modules: list[LssfModule], alpha: float, eta: float, a1: float, num_anchor_prompts: int
+) -> LssfReport:
     report = LssfReport(float(alpha), float(eta), float(a1), int(num_anchor_prompts), modules)
     if not report.fused_names:
         raise ValueError("LSSF fused no layer: every layer has a zero safety vector or a zero anchor spectrum.")
@@ -503,7 +532,11 @@ def _fuse_layers(
             modules.append(LssfModule(target.hf_name, skipped="zero anchor spectrum (the layer saw only zero inputs)"))
             continue
         target.write(weight=(weight.double() + fold.dense()).to(weight.dtype))
-        modules.append(LssfModule(target.hf_name, fold.rank, fold.entropy_ratio, fold.num_singular_values, fold.norm(), fold.inner_rank))
+        modules.append(
+            LssfModule(
+                target.hf_name, fold.rank, fold.entropy_ratio, fold.num_singular_values, fold.norm(), fold.inner_rank
+            )
+        )
         del delta, fold
     return modules
 
@@ -563,7 +596,9 @@ def fuse_lssf_by_block(
     outcomes: dict[int, LssfModule] = {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with adapters_disabled(targets):
-        responses = generate_responses(model, tokenizer, list(prompts), max_new_tokens, batch_size, prompt_format, show_progress=False)
+        responses = generate_responses(
+            model, tokenizer, list(prompts), max_new_tokens, batch_size, prompt_format, show_progress=False
+        )
         token_ids = anchor_token_ids(tokenizer, prompts, responses, prompt_format)
         for block in sorted(blocks, reverse=True):
             group = [t for t in blocks[block] if id(t) in chosen_ids and id(t) in covered]
@@ -574,7 +609,8 @@ def fuse_lssf_by_block(
                     description=f"LSSF anchors, block {block}",
                 )
                 covariances = {name: g.covariance for name, g in by_layer.items()}
-            for target, outcome in zip(blocks[block], _fuse_layers(blocks[block], chosen_ids, covered, reference, covariances, alpha, eta, a1)):
+            fused = _fuse_layers(blocks[block], chosen_ids, covered, reference, covariances, alpha, eta, a1)
+            for target, outcome in zip(blocks[block], fused):
                 outcomes[id(target)] = outcome
             del covariances
     modules = [outcomes[id(t)] for t in targets]

@@ -38,10 +38,16 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(hf_model, "_no_split_modules", None) or [])
     blocks = [m for m in hf_model.modules() if type(m).__name__ in names]
     if not blocks:
-        lists = [m for name, m in hf_model.named_modules() if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")]
+        lists = [
+            m
+            for name, m in hf_model.named_modules()
+            if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")
+        ]
         blocks = [block for module_list in lists for block in module_list]
     if not blocks:
-        raise ValueError(f"Cannot find the decoder blocks of {type(hf_model).__name__}; pass target_modules explicitly.")
+        raise ValueError(
+            f"Cannot find the decoder blocks of {type(hf_model).__name__}; pass target_modules explicitly."
+        )
     return blocks
 
 
@@ -57,7 +63,8 @@ def block_linear_names(model: nn.Module) -> list[str]:
 
 
 def resolve_target_modules(model: PreTrainedModel, target_modules: Optional[list[str]]) -> list[str]:
-    """Default: every linear of every decoder block. A name that matches nothing is an error that lists the real ones."""
+    """Default: every linear of every decoder block. A name that matches nothing is an error that lists the real
+    ones."""
     available = block_linear_names(model)
     if target_modules is None or target_modules == ["all-linear"]:
         return available
@@ -139,7 +146,9 @@ class GuardSpaceLM(LightningModule):
             raise TypeError(f"safety_patches must be a list of folders; wrap the one path: [{safety_patches!r}].")
         for patch in safety_patches or []:
             if not os.path.isdir(patch):
-                raise FileNotFoundError(f"Safety patch folder {patch} does not exist: train one with `python -m guardspace_pl align`.")
+                raise FileNotFoundError(
+                    f"Safety patch folder {patch} does not exist: train one with `python -m guardspace_pl align`."
+                )
         self.save_hyperparameters()
         self.model: Optional[PeftModel] = None
         self._tokenizer: Optional[PreTrainedTokenizerBase] = None
@@ -150,7 +159,9 @@ class GuardSpaceLM(LightningModule):
         self.test_results: list[Result] = []
 
     @classmethod
-    def from_pretrained_model(cls, model: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase] = None, **kwargs: Any) -> "GuardSpaceLM":
+    def from_pretrained_model(
+        cls, model: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase] = None, **kwargs: Any
+    ) -> "GuardSpaceLM":
         """Wrap an already-built model (tests, notebooks): same LoRA set-up, no loading."""
         module = cls(model_name_or_path=getattr(model.config, "_name_or_path", "") or type(model).__name__, **kwargs)
         module._attach_lora(model)
@@ -172,7 +183,11 @@ class GuardSpaceLM(LightningModule):
             base = apply_patches(base, hp.safety_patches, mode="merged")
         targets = resolve_target_modules(base, hp.target_modules)
         config = LoraConfig(
-            r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
+            r=hp.lora_rank,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
         )
         if hp.activation_checkpointing:
             if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
@@ -211,7 +226,9 @@ class GuardSpaceLM(LightningModule):
         self._attach_lora(load_causal_lm(*self._load_args()) if rank_zero else empty_causal_lm(*self._load_args()))
         full_state = self.model.state_dict() if rank_zero else {}
         self._shard(device_mesh)
-        set_model_state_dict(self.model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(
+            self.model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
         del full_state
         # Rank 0's LoRA init drew random numbers that the meta ranks did not: realign every rank's generator.
         torch.set_rng_state(broadcast_object(torch.get_rng_state()))
@@ -222,7 +239,11 @@ class GuardSpaceLM(LightningModule):
 
         if isinstance(self.model, FSDPModule):
             return
-        if device_mesh.mesh_dim_names and "tensor_parallel" in device_mesh.mesh_dim_names and device_mesh["tensor_parallel"].size() > 1:
+        if (
+            device_mesh.mesh_dim_names
+            and "tensor_parallel" in device_mesh.mesh_dim_names
+            and device_mesh["tensor_parallel"].size() > 1
+        ):
             raise ValueError("GuardSpaceLM supports data parallelism (FSDP2) only: set tensor_parallel_size=1.")
         mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
         for block in decoder_blocks(self.model):
@@ -230,7 +251,9 @@ class GuardSpaceLM(LightningModule):
         fully_shard(self.model, mesh=mesh)
 
     @override
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Any:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
+    ) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     @override
@@ -257,7 +280,9 @@ class GuardSpaceLM(LightningModule):
 
     @override
     def on_fit_end(self) -> None:
-        target = self.hparams.adapter_dir or os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "adapter")
+        target = self.hparams.adapter_dir or os.path.join(
+            self.trainer.log_dir or self.trainer.default_root_dir, "adapter"
+        )
         self.save_adapter(target)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
@@ -290,7 +315,8 @@ class GuardSpaceLM(LightningModule):
         stepping until every rank is done, so sharded models (FSDP2) never wait at an all-gather alone.
         """
         return generate_from_texts(
-            self.model, self.tokenizer, texts, add_special_tokens, max_new_tokens, synced_gpus=is_distributed() and world_size() > 1
+            self.model, self.tokenizer, texts, add_special_tokens, max_new_tokens,
+            synced_gpus=is_distributed() and world_size() > 1,
         )
 
     def _load_judge(self) -> Judge:
@@ -316,7 +342,9 @@ class GuardSpaceLM(LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Generate for one batch of evaluation prompts and add its judged outcomes to the running sums."""
         kind = batch["kind"]
-        responses = self.generate_from_texts(batch["texts"], batch["add_special_tokens"], self.hparams.eval_max_new_tokens)
+        responses = self.generate_from_texts(
+            batch["texts"], batch["add_special_tokens"], self.hparams.eval_max_new_tokens
+        )
         weights = batch["weights"].to(self.device, torch.float32)
         if kind == "harmful":
             flags = self._judge.harmful_flags(batch["prompts"], responses)
@@ -348,9 +376,11 @@ class GuardSpaceLM(LightningModule):
         sums = {name: float(metric.compute()) for name, metric in self._test_metrics.items()}
         rows: list[Result] = []
         if sums["harmful_n"] > 0:
-            rows.append(Result("harmful_score", 100.0 * sums["harmful_flagged"] / sums["harmful_n"], self._judge.name, sums["harmful_n"]))
+            harmful_score = 100.0 * sums["harmful_flagged"] / sums["harmful_n"]
+            rows.append(Result("harmful_score", harmful_score, self._judge.name, sums["harmful_n"]))
         if sums["safe_n"] > 0:
-            rows.append(Result("over_refusal", 100.0 * sums["refused"] / sums["safe_n"], KeywordRefusalJudge.name, sums["safe_n"]))
+            over_refusal = 100.0 * sums["refused"] / sums["safe_n"]
+            rows.append(Result("over_refusal", over_refusal, KeywordRefusalJudge.name, sums["safe_n"]))
         if sums["task_n"] > 0:
             rows.append(Result("gsm8k_accuracy", 100.0 * sums["correct"] / sums["task_n"], None, sums["task_n"]))
             rows.append(Result("gsm8k_loss", sums["token_loss"] / max(sums["tokens"], 1.0), None, sums["task_n"]))
@@ -360,7 +390,9 @@ class GuardSpaceLM(LightningModule):
             # across ranks changes nothing and keeps Lightning's epoch-level logging consistent.
             self.log(row.metric if row.judge is None else f"{row.metric}/{row.judge}", row.value, sync_dist=True)
         if self.trainer.is_global_zero:
-            path = self.hparams.results_path or os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "results.json")
+            path = self.hparams.results_path or os.path.join(
+                self.trainer.log_dir or self.trainer.default_root_dir, "results.json"
+            )
             write_results(rows, path)
             print(f"\n{format_table(rows)}\n\nResults written to {path}")
         for metric in self._test_metrics.values():

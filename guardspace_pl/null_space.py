@@ -108,7 +108,9 @@ def null_space_projector(
     columns = eigenvectors[:, ~mask] if complement else eigenvectors[:, mask]
     if columns.shape[1] > 0:
         columns, _ = torch.linalg.qr(columns)
-    return NullSpaceProjector(basis=columns.to(dtype or columns.dtype).contiguous(), complement=complement, null_dim=null_dim)
+    return NullSpaceProjector(
+        basis=columns.to(dtype or columns.dtype).contiguous(), complement=complement, null_dim=null_dim
+    )
 
 
 def merge_residual_correction(lora_A: Tensor, projected_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:

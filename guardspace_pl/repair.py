@@ -1,4 +1,5 @@
-"""``python -m guardspace_pl repair --method safelora|lssf|...``: restore safety to an already fine-tuned model, post hoc.
+"""``python -m guardspace_pl repair --method safelora|lssf|...``: restore safety to an already fine-tuned model,
+post hoc.
 
 Input: a Lightning checkpoint of a ``GuardSpaceLM`` run (``--checkpoint``, a ``.ckpt`` file or an FSDP2 sharded
 directory) or a PEFT LoRA adapter on its base model (``--adapter DIR --base MODEL``). The method acts on the
@@ -103,15 +104,26 @@ def register_method(method: RepairMethod) -> None:
 def _safelora_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--mode", choices=("number", "threshold"), default="number",
-        help="number: project the K modules of lowest cosine(C B A, B A) (paper default); threshold: those with cosine <= tau.",
+        help="number: project the K modules of lowest cosine(C B A, B A) (paper default); threshold: those with "
+        "cosine <= tau.",
     )
-    group.add_argument("--k", type=int, default=10, help="K, modules projected in number mode (paper: 10; at most the number of covered LoRA layers).")
-    group.add_argument("--threshold", type=float, default=0.5, help="tau in [-1, 1], the cosine cut-off of threshold mode (paper: 0.5).")
+    group.add_argument(
+        "--k", type=int, default=10,
+        help="K, modules projected in number mode (paper: 10; at most the number of covered LoRA layers).",
+    )
+    group.add_argument(
+        "--threshold", type=float, default=0.5,
+        help="tau in [-1, 1], the cosine cut-off of threshold mode (paper: 0.5).",
+    )
     group.add_argument(
         "--projector", choices=("faithful", "orthonormal"), default="faithful",
-        help="faithful: B <- C B with C = V V^T/||V||_F (paper); orthonormal: B <- U U^T B onto the column space of V (a choice).",
+        help="faithful: B <- C B with C = V V^T/||V||_F (paper); orthonormal: B <- U U^T B onto the column space of V "
+        "(a choice).",
     )
-    group.add_argument("--compute-dtype", choices=("float32", "float64"), default="float32", help="dtype of the SafeLoRA computation (official: float32).")
+    group.add_argument(
+        "--compute-dtype", choices=("float32", "float64"), default="float32",
+        help="dtype of the SafeLoRA computation (official: float32).",
+    )
 
 
 def _safelora_check(args: argparse.Namespace) -> None:
@@ -124,7 +136,9 @@ def _safelora_apply(context: RepairContext) -> dict[str, Any]:
     from guardspace_pl.safelora import apply_safelora
 
     args = context.args
-    report = apply_safelora(context.targets, context.reference, args.mode, args.k, args.threshold, args.projector, args.compute_dtype)
+    report = apply_safelora(
+        context.targets, context.reference, args.mode, args.k, args.threshold, args.projector, args.compute_dtype
+    )
     log.info(report.summary())
     return report.to_dict()
 
@@ -132,7 +146,8 @@ def _safelora_apply(context: RepairContext) -> dict[str, Any]:
 register_method(
     RepairMethod(
         name="safelora",
-        help="SafeLoRA (Hsu et al., NeurIPS 2024): project the least safety-aligned LoRA updates onto the alignment subspace.",
+        help="SafeLoRA (Hsu et al., NeurIPS 2024): project the least safety-aligned LoRA updates onto the alignment "
+        "subspace.",
         add_arguments=_safelora_arguments,
         check_arguments=_safelora_check,
         apply=_safelora_apply,
@@ -142,13 +157,33 @@ register_method(
 
 # ------------------------------------------------------------------------------------------------- LSSF
 def _lssf_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--alpha", type=float, default=1.0, help="fusion strength alpha >= 0 in W_ft + alpha P' delta_safe (a choice: 1; paper sweep 0.5-2).")
-    group.add_argument("--eta", type=float, default=0.9, help="entropy share in (0, 1] fixing each layer's rank r_l (a choice: 0.9; sweep 0.8-0.95).")
-    group.add_argument("--a1", type=float, default=1.0, help="weight > 0 of the top safety direction in the weighted projector P' (a choice: 1 = plain projector).")
-    group.add_argument("--anchor-prompts", help="harmful anchor prompts (required for lssf): builtin:harmbench, builtin:donotanswer, a local file, or hub:ID.")
-    group.add_argument("--anchor-count", type=int, default=128, help="how many anchor prompts to use (paper: 128, robust 16-512).")
-    group.add_argument("--anchor-max-new-tokens", type=int, default=64, help="length limit of the refusals the aligned model generates for the anchors (a choice).")
-    group.add_argument("--anchor-batch-size", type=int, default=8, help="prompts per generation/forward batch for the anchors.")
+    group.add_argument(
+        "--alpha", type=float, default=1.0,
+        help="fusion strength alpha >= 0 in W_ft + alpha P' delta_safe (a choice: 1; paper sweep 0.5-2).",
+    )
+    group.add_argument(
+        "--eta", type=float, default=0.9,
+        help="entropy share in (0, 1] fixing each layer's rank r_l (a choice: 0.9; sweep 0.8-0.95).",
+    )
+    group.add_argument(
+        "--a1", type=float, default=1.0,
+        help="weight > 0 of the top safety direction in the weighted projector P' (a choice: 1 = plain projector).",
+    )
+    group.add_argument(
+        "--anchor-prompts",
+        help="harmful anchor prompts (required for lssf): builtin:harmbench, builtin:donotanswer, a local file, or "
+        "hub:ID.",
+    )
+    group.add_argument(
+        "--anchor-count", type=int, default=128, help="how many anchor prompts to use (paper: 128, robust 16-512)."
+    )
+    group.add_argument(
+        "--anchor-max-new-tokens", type=int, default=64,
+        help="length limit of the refusals the aligned model generates for the anchors (a choice).",
+    )
+    group.add_argument(
+        "--anchor-batch-size", type=int, default=8, help="prompts per generation/forward batch for the anchors."
+    )
     group.add_argument(
         "--anchor-prompt-format", choices=("chat_template", "raw"), default="chat_template",
         help="how anchor prompts are shown to the model (chat_template: a user turn plus the assistant header).",
@@ -161,7 +196,11 @@ def _lssf_check(args: argparse.Namespace) -> None:
     check_lssf_settings(args.alpha, args.eta, args.a1)
     if not args.anchor_prompts:
         raise ValueError("--method lssf needs --anchor-prompts SOURCE (harmful prompts, e.g. builtin:harmbench).")
-    for flag, value in (("--anchor-count", args.anchor_count), ("--anchor-max-new-tokens", args.anchor_max_new_tokens), ("--anchor-batch-size", args.anchor_batch_size)):
+    for flag, value in (
+        ("--anchor-count", args.anchor_count),
+        ("--anchor-max-new-tokens", args.anchor_max_new_tokens),
+        ("--anchor-batch-size", args.anchor_batch_size),
+    ):
         if value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}.")
 
@@ -205,7 +244,8 @@ def _lssf_export_adapter(context: RepairContext) -> Path:
 register_method(
     RepairMethod(
         name="lssf",
-        help="LSSF (Zhou et al., ACL 2025): fold the safety vector projected onto each layer's activation-weighted safety subspace.",
+        help="LSSF (Zhou et al., ACL 2025): fold the safety vector projected onto each layer's activation-weighted "
+        "safety subspace.",
         add_arguments=_lssf_arguments,
         check_arguments=_lssf_check,
         apply=_lssf_apply,
@@ -225,25 +265,49 @@ def build_parser() -> argparse.ArgumentParser:
             "post-hoc method, and write the result as a standard PEFT adapter on the original base or a merged model."
         ),
     )
-    parser.add_argument("--method", required=True, choices=sorted(METHODS), help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
+    parser.add_argument(
+        "--method", required=True, choices=sorted(METHODS),
+        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()),
+    )
     source = parser.add_argument_group("fine-tuned model (one of --checkpoint, --adapter)")
-    source.add_argument("--checkpoint", help="Lightning checkpoint of a GuardSpaceLM run: a .ckpt file or an FSDP2 sharded checkpoint directory.")
-    source.add_argument("--adapter", help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); needs --base.")
+    source.add_argument(
+        "--checkpoint",
+        help="Lightning checkpoint of a GuardSpaceLM run: a .ckpt file or an FSDP2 sharded checkpoint directory.",
+    )
+    source.add_argument(
+        "--adapter",
+        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); needs --base.",
+    )
     source.add_argument(
         "--base",
         help="original base model (hub id, directory or builtin:NAME): what --adapter was trained on, and what the "
         "exported adapter is relative to (default for --checkpoint: its model_name_or_path).",
     )
-    source.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype to load --base in (--adapter input).")
+    source.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+        help="dtype to load --base in (--adapter input).",
+    )
     reference = parser.add_argument_group("safety reference (V = W_aligned - W_base per module)")
-    reference.add_argument("--reference-adapter", help="a LoRA safety-patch adapter directory: V = s B A of the patch (kept factored).")
-    reference.add_argument("--reference-base", help="base checkpoint directory (safetensors) of the base/aligned pair; needs --reference-aligned.")
-    reference.add_argument("--reference-aligned", help="aligned checkpoint directory (safetensors), same architecture as --reference-base.")
+    reference.add_argument(
+        "--reference-adapter",
+        help="a LoRA safety-patch adapter directory: V = s B A of the patch (kept factored).",
+    )
+    reference.add_argument(
+        "--reference-base",
+        help="base checkpoint directory (safetensors) of the base/aligned pair; needs --reference-aligned.",
+    )
+    reference.add_argument(
+        "--reference-aligned",
+        help="aligned checkpoint directory (safetensors), same architecture as --reference-base.",
+    )
     output = parser.add_argument_group("output")
-    output.add_argument("--out", required=True, help=f"output directory (the adapter or merged model, plus {REPORT_FILENAME}).")
+    output.add_argument(
+        "--out", required=True, help=f"output directory (the adapter or merged model, plus {REPORT_FILENAME})."
+    )
     output.add_argument(
         "--kind", required=True, choices=("adapter", "merged"),
-        help="adapter: a standard PEFT LoRA adapter relative to the ORIGINAL base; merged: a full model with the update merged in.",
+        help="adapter: a standard PEFT LoRA adapter relative to the ORIGINAL base; merged: a full model with the "
+        "update merged in.",
     )
     for method in METHODS.values():
         method.add_arguments(parser.add_argument_group(f"{method.name} options (--method {method.name})"))
@@ -270,8 +334,8 @@ def check_arguments(args: argparse.Namespace) -> RepairMethod:
     if method.needs_reference:
         if has_patch == has_pair:
             raise ValueError(
-                f"--method {method.name} needs one safety reference: --reference-adapter PATCH_DIR, or --reference-base "
-                "BASE_DIR with --reference-aligned ALIGNED_DIR."
+                f"--method {method.name} needs one safety reference: --reference-adapter PATCH_DIR, or "
+                "--reference-base BASE_DIR with --reference-aligned ALIGNED_DIR."
             )
         if has_pair and (args.reference_base is None or args.reference_aligned is None):
             raise ValueError("--reference-base and --reference-aligned go together (V = W_aligned - W_base).")

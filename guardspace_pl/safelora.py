@@ -35,7 +35,9 @@ _PROJECTORS = ("faithful", "orthonormal")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def check_safelora_settings(mode: str, num_projected_modules: int, threshold: float, projector: str, dtype: str = "float32") -> None:
+def check_safelora_settings(
+    mode: str, num_projected_modules: int, threshold: float, projector: str, dtype: str = "float32"
+) -> None:
     """Reject bad SafeLoRA settings with an error that names the fix.
 
     Args:
@@ -47,7 +49,11 @@ def check_safelora_settings(mode: str, num_projected_modules: int, threshold: fl
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-    if isinstance(num_projected_modules, bool) or not isinstance(num_projected_modules, int) or num_projected_modules < 1:
+    if (
+        isinstance(num_projected_modules, bool)
+        or not isinstance(num_projected_modules, int)
+        or num_projected_modules < 1
+    ):
         raise ValueError(f"num_projected_modules (K) must be a positive integer, got {num_projected_modules!r}.")
     if not isinstance(threshold, (int, float)) or not -1.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold (tau) is a cosine similarity and must lie in [-1, 1], got {threshold!r}.")
@@ -103,7 +109,9 @@ def project_lora_B(vector: AlignmentVector, lora_B: Tensor, projector: Projector
     raise ValueError(f"projector must be one of {_PROJECTORS}, got {projector!r}.")
 
 
-def select_modules(cosines: Mapping[str, float], mode: SelectionMode, num_projected_modules: int = 10, threshold: float = 0.5) -> tuple[set[str], float]:
+def select_modules(
+    cosines: Mapping[str, float], mode: SelectionMode, num_projected_modules: int = 10, threshold: float = 0.5
+) -> tuple[set[str], float]:
     """The modules to project and the cosine cut-off used: ``cos <= cut-off`` is projected.
 
     ``number``: the cut-off is the K-th smallest cosine (ties at it are projected too, as the official code).
@@ -158,7 +166,9 @@ def safelora_factors(
         dtype: the dtype of the computation (``float32`` as the official code).
     """
     check_safelora_settings(mode, num_projected_modules, threshold, projector, dtype)
-    scores = [_score(name, vectors.get(name), lora_A, lora_B, projector, dtype) for name, (lora_A, lora_B) in factors.items()]
+    scores = [
+        _score(name, vectors.get(name), lora_A, lora_B, projector, dtype) for name, (lora_A, lora_B) in factors.items()
+    ]
     report = _select(scores, mode, num_projected_modules, threshold, projector)
     new_B = {
         s.name: s.projected_B.to(factors[s.name][1].dtype) if s.name in report.projected_names else factors[s.name][1]
@@ -228,11 +238,14 @@ class SafeLoraReport:
         considered = len(self.modules) - len(self.skipped_names)
         rule = f"K={self.num_projected_modules}" if self.mode == "number" else f"tau={self.threshold}"
         text = (
-            f"SafeLoRA ({self.mode} mode, {rule}, {self.projector} projector): projected {len(self.projected_names)} of "
-            f"{considered} modules (cosine <= {self.cut_off:.5f}), Pdst {self.pdst:.4f}"
+            f"SafeLoRA ({self.mode} mode, {rule}, {self.projector} projector): projected {len(self.projected_names)} "
+            f"of {considered} modules (cosine <= {self.cut_off:.5f}), Pdst {self.pdst:.4f}"
         )
         if self.skipped_names:
-            text += f"; skipped {len(self.skipped_names)} with no or a zero alignment vector (e.g. {self.skipped_names[:2]})"
+            text += (
+                f"; skipped {len(self.skipped_names)} with no or a zero alignment vector "
+                f"(e.g. {self.skipped_names[:2]})"
+            )
         return text + "."
 
 
@@ -246,13 +259,18 @@ class _Score:
     identity: bool = False
 
 
-def _score(name: str, vector: Optional[AlignmentVector], lora_A: Tensor, lora_B: Tensor, projector: str, dtype: str) -> _Score:
+def _score(
+    name: str, vector: Optional[AlignmentVector], lora_A: Tensor, lora_B: Tensor, projector: str, dtype: str
+) -> _Score:
     if vector is None:
         return _Score(name, None, None, None, "not covered by the safety reference")
     if vector.norm() == 0:
         return _Score(name, None, None, None, "alignment vector V = 0")
     if vector.shape != (lora_B.shape[0], lora_A.shape[1]):
-        raise ValueError(f"{name}: alignment vector of shape {vector.shape} but LoRA factors for {(lora_B.shape[0], lora_A.shape[1])}.")
+        raise ValueError(
+            f"{name}: alignment vector of shape {vector.shape} but LoRA factors for "
+            f"{(lora_B.shape[0], lora_A.shape[1])}."
+        )
     compute = _DTYPES[dtype]
     lora_A, lora_B = lora_A.detach().to(compute), lora_B.detach().to(compute)
     cosine = safelora_cosine(vector, lora_A, lora_B)
@@ -260,7 +278,9 @@ def _score(name: str, vector: Optional[AlignmentVector], lora_A: Tensor, lora_B:
     return _Score(name, cosine, project_lora_B(vector, lora_B, projector), lora_B, identity=identity)
 
 
-def _select(scores: list[_Score], mode: str, num_projected_modules: int, threshold: float, projector: str) -> SafeLoraReport:
+def _select(
+    scores: list[_Score], mode: str, num_projected_modules: int, threshold: float, projector: str
+) -> SafeLoraReport:
     cosines = {s.name: s.cosine for s in scores if s.skipped is None}
     if not cosines:
         raise ValueError("No LoRA layer has a non-zero alignment vector: SafeLoRA has nothing to project onto.")
@@ -282,7 +302,9 @@ def _select(scores: list[_Score], mode: str, num_projected_modules: int, thresho
             "leaves them unchanged. Use projector='faithful' or a low-rank reference (a safety patch).",
             stacklevel=3,
         )
-    return SafeLoraReport(mode, num_projected_modules, float(threshold), projector, float(cut), pdst(distances), modules, identity)
+    return SafeLoraReport(
+        mode, num_projected_modules, float(threshold), projector, float(cut), pdst(distances), modules, identity
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -159,7 +159,9 @@ class SafetyReference:
         source: str = "in-memory reference",
     ) -> None:
         if (vectors is None) == (loader is None):
-            raise ValueError("Pass either vectors= (in memory) or loader= with shapes= (read lazily), not both or neither.")
+            raise ValueError(
+                "Pass either vectors= (in memory) or loader= with shapes= (read lazily), not both or neither."
+            )
         if loader is not None and shapes is None:
             raise ValueError("A lazily read reference needs shapes= (module name -> (d_out, d_in)).")
         self._vectors = {
@@ -292,7 +294,11 @@ class SafetyReference:
             }
         else:
             names = list(module_names)
-            absent = [f"{n}.weight ({'base' if n not in base_shapes else 'aligned'} checkpoint)" for n in names if n not in base_shapes or n not in aligned_shapes]
+            absent = [
+                f"{n}.weight ({'base' if n not in base_shapes else 'aligned'} checkpoint)"
+                for n in names
+                if n not in base_shapes or n not in aligned_shapes
+            ]
             if absent:
                 raise ValueError(
                     f"The checkpoints lack {len(absent)} requested tensor(s): {absent[:5]}. Pass module names as in "
@@ -302,8 +308,9 @@ class SafetyReference:
         for name in names:
             if base_shapes[name] != aligned_shapes[name]:
                 raise ValueError(
-                    f"The base and aligned checkpoints differ in shape at {name}: {base_shapes[name]} in {base.directory} "
-                    f"but {aligned_shapes[name]} in {aligned.directory}. They must be the same architecture."
+                    f"The base and aligned checkpoints differ in shape at {name}: {base_shapes[name]} in "
+                    f"{base.directory} but {aligned_shapes[name]} in {aligned.directory}. They must be the same "
+                    "architecture."
                 )
         if not names:
             raise ValueError(f"The checkpoints {base.directory} and {aligned.directory} share no 2-D weight tensor.")
@@ -322,7 +329,9 @@ class SafetyReference:
         return reference
 
     @classmethod
-    def from_patch_adapter(cls, adapter: Union[str, Path, nn.Module], adapter_name: Optional[str] = None) -> "SafetyReference":
+    def from_patch_adapter(
+        cls, adapter: Union[str, Path, nn.Module], adapter_name: Optional[str] = None
+    ) -> "SafetyReference":
         """``V = s B A`` of a LoRA safety patch, kept factored (``left = s B``, ``right = A``).
 
         Args:
@@ -333,7 +342,8 @@ class SafetyReference:
         if isinstance(adapter, nn.Module):
             vectors = {}
             for target in find_lora_targets(adapter, adapter_name):
-                lora_A, lora_B = full_tensor(target.lora_A).detach().float(), full_tensor(target.lora_B).detach().float()
+                lora_A = full_tensor(target.lora_A).detach().float()
+                lora_B = full_tensor(target.lora_B).detach().float()
                 vectors[target.hf_name] = AlignmentVector(target.scaling * lora_B, lora_A)
             return cls(vectors=vectors, source=f"patch adapter in {type(adapter).__name__}")
         return cls(vectors=_read_patch_adapter(Path(adapter)), source=f"patch adapter {adapter}")
@@ -424,8 +434,9 @@ def _read_patch_adapter(directory: Path) -> dict[str, AlignmentVector]:
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     if not config_path.exists() or not weights_path.exists():
         raise FileNotFoundError(
-            f"{directory} is not a PEFT adapter directory (it needs adapter_config.json and adapter_model.safetensors). "
-            "Pass the directory a safety patch was saved to, or build the reference with SafetyReference.from_checkpoints."
+            f"{directory} is not a PEFT adapter directory (it needs adapter_config.json and "
+            "adapter_model.safetensors). Pass the directory a safety patch was saved to, or build the reference with "
+            "SafetyReference.from_checkpoints."
         )
     config = json.loads(config_path.read_text())
     if config.get("peft_type", "LORA") != "LORA":
@@ -433,7 +444,9 @@ def _read_patch_adapter(directory: Path) -> dict[str, AlignmentVector]:
     if config.get("use_dora"):
         raise ValueError(f"{directory} is a DoRA adapter: its update is not s B A. Use a plain LoRA safety patch.")
     if config.get("fan_in_fan_out"):
-        raise ValueError(f"{directory} uses fan_in_fan_out (Conv1D layers); the safety reference supports nn.Linear layers.")
+        raise ValueError(
+            f"{directory} uses fan_in_fan_out (Conv1D layers); the safety reference supports nn.Linear layers."
+        )
     weights = load_file(str(weights_path))  # an adapter is small: r (d_in + d_out) numbers per module
     factors: dict[str, dict[str, Tensor]] = {}
     ignored = []
@@ -461,8 +474,8 @@ def _read_patch_adapter(directory: Path) -> dict[str, AlignmentVector]:
         expected_rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
         if rank != expected_rank or lora_B.shape[1] != rank:
             raise ValueError(
-                f"{directory}: {name} has factors of shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)} but the config "
-                f"says rank {expected_rank}: the adapter files are inconsistent."
+                f"{directory}: {name} has factors of shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)} but the "
+                f"config says rank {expected_rank}: the adapter files are inconsistent."
             )
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
         scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank

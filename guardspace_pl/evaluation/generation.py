@@ -134,9 +134,11 @@ def generate_from_texts(
     """
     synced_gpus = synced_gpus or (prepare_sharded_generation(model) and world_size() > 1)
     with _inference(model, tokenizer, padding_side="left"):  # every row's prompt ends where generation starts
-        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(_device(model))
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        batch = batch.to(_device(model))
         new_tokens = greedy_new_tokens(
-            model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer.pad_token_id, synced_gpus=synced_gpus
+            model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer.pad_token_id,
+            synced_gpus=synced_gpus,
         )
     reshard(model)  # FSDP2 keeps the root's parameters gathered after generate(): shard them again
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -182,7 +184,9 @@ def generate_responses(
     for start in tqdm(range(0, len(texts), batch_size), desc="Generating", disable=not show_progress):
         chunk = order[start : start + batch_size]
         # The chat template already carries the BOS token where the model wants one.
-        outputs = generate_from_texts(model, tokenizer, [texts[i] for i in chunk], prompt_format == "raw", max_new_tokens)
+        outputs = generate_from_texts(
+            model, tokenizer, [texts[i] for i in chunk], prompt_format == "raw", max_new_tokens
+        )
         for i, output in zip(chunk, outputs):
             responses[i] = output
     return responses
@@ -282,7 +286,9 @@ def evaluate_safety(
     given (e.g. XSTest's safe prompts), ``over_refusal``, ``refusal_judge`` (always ``"keyword"``), ``n_safe``,
     ``safe_responses``.
     """
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_format=prompt_format, show_progress=show_progress)
+    gen = dict(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_format=prompt_format, show_progress=show_progress
+    )
     harmful_responses = generate_responses(model, tokenizer, harmful_prompts, **gen)
     flags = judge.harmful_flags(harmful_prompts, harmful_responses)
     result: dict[str, Any] = {

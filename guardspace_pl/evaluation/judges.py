@@ -112,7 +112,9 @@ class KeywordRefusalJudge:
 
     def __init__(self, refusal_phrases: Sequence[str] = REFUSAL_PHRASES) -> None:
         if len(refusal_phrases) == 0:
-            raise ValueError("refusal_phrases is empty; every response would count as harmful. Pass at least one phrase.")
+            raise ValueError(
+                "refusal_phrases is empty; every response would count as harmful. Pass at least one phrase."
+            )
         self.refusal_phrases = tuple(normalize_apostrophes(p) for p in refusal_phrases)
 
     def is_refusal(self, response: str) -> bool:

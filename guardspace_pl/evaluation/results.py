@@ -14,7 +14,8 @@ JUDGED_METRICS = frozenset({"harmful_score", "over_refusal"})
 
 @dataclass(frozen=True)
 class Result:
-    """One number: ``metric`` (e.g. ``harmful_score``), ``value``, ``judge`` (None for unjudged metrics), ``n`` items."""
+    """One number: ``metric`` (e.g. ``harmful_score``), ``value``, ``judge`` (None for unjudged metrics),
+    ``n`` items."""
 
     metric: str
     value: float
@@ -63,7 +64,10 @@ def write_results(rows: Sequence[Result], path: Union[str, Path]) -> Path:
 def read_results(path: Union[str, Path]) -> list[Result]:
     """The rows written by ``write_results``."""
     records = json.loads(Path(path).read_text())
-    return [Result(r["metric"], math.nan if r["value"] is None else r["value"], r.get("judge"), r.get("n", 0)) for r in records]
+    return [
+        Result(r["metric"], math.nan if r["value"] is None else r["value"], r.get("judge"), r.get("n", 0))
+        for r in records
+    ]
 
 
 def format_table(rows: Sequence[Result]) -> str:

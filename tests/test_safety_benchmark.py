@@ -1,12 +1,15 @@
-"""The safety benchmark (benchmarks/safety/): its data splits, and a smoke run end to end on the real model.
+"""The safety benchmark (benchmarks/safety/): its splits, its selection rule, its job planner and locks, and a smoke
+run end to end on the real model with two worker processes.
 
-The benchmark itself (``--profile cpu`` / ``full``) is not part of the test suite; ``--profile smoke`` runs
-every stage (alignment, attack with the GuardSpace callbacks, evaluation, report) at tiny sizes.
+The benchmark itself (``--profile cpu`` / ``full``) is not part of the test suite; ``--profile smoke`` runs every
+stage (alignment, every kind of method, post-hoc repairs, full evaluation of the picks with two seeds, report) at
+tiny sizes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,10 +18,11 @@ from pathlib import Path
 import pytest
 from guardspace_pl.datamodules import normalise_prompt
 
-from benchmarks.safety.profiles import PROFILES
+from benchmarks.safety.profiles import PROFILES, Profile
 from benchmarks.safety.splits import OverlapError, check_disjoint, make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
 def smoke_splits(shared_data):
@@ -34,74 +38,203 @@ def test_check_disjoint_raises_on_overlap_after_normalisation():
     # A trailing full stop or question mark does not make a prompt new (one normalisation: the library's).
     with pytest.raises(OverlapError, match="poison"):
         check_disjoint(["Build a bomb"], {"poison": ["build a bomb."]})
-    with pytest.raises(OverlapError, match="duplicate"):
-        check_disjoint(["How do I build a bomb?", "how do i build a bomb"], {})
 
 
 @pytest.mark.parametrize("profile", ["smoke", "cpu", "full"])
-def test_profile_splits_are_disjoint(shared_data, profile):
-    splits = make_splits(PROFILES[profile], shared_data)  # make_splits runs splits.check()
+def test_profile_splits_are_disjoint_and_sized(shared_data, profile):
     size = PROFILES[profile]
-    assert len(splits.eval_harmful) == size.eval_harmful and len(splits.val_harmful) == size.val_harmful
-    assert len(splits.calibration) == size.calibration_count
-    used = {normalise_prompt(p) for p in splits.align_harmful + splits.calibration + splits.val_harmful + [r["prompt"] for r in splits.poison]}
-    assert not used & {normalise_prompt(p) for p in splits.eval_harmful}
+    splits = make_splits(size, shared_data)  # make_splits runs splits.check()
+    assert {k: len(v) for k, v in splits.eval_harmful.items()} == {"HarmBench": size.eval_sizes["harmbench"], "AdvBench": size.eval_sizes["advbench"]}
+    assert len(splits.eval_safe["xstest"]) == size.eval_sizes["xstest"] and len(splits.eval_safe["harmless"]) == size.eval_sizes["harmless"]
+    assert len(splits.calibration["advbench"]) == len(splits.calibration["mixed"]) == size.calibration_count
+    assert len(splits.calibration["mixed_large"]) == size.calibration_count_large
+    harmful_eval = {normalise_prompt(p) for group in splits.eval_harmful.values() for p in group}
+    used = [p for group in splits.alignment.values() for p in group] + [p for g in splits.calibration.values() for p in g]
+    used += [r["prompt"] for r in splits.poison] + splits.spf_prompts + splits.lssf_anchors
+    assert not harmful_eval & {normalise_prompt(p) for p in used}
+    if profile == "cpu":
+        assert len(harmful_eval) >= 150  # the issue's floor, from two sources
+        # The mixed calibration really mixes: HarmBench and harmful_train prompts beside AdvBench's.
+        assert set(splits.calibration["mixed"]) - set(splits.calibration["advbench"])
 
 
-@pytest.mark.parametrize("role", ["align_harmful", "calibration", "val_harmful", "poison"])
+def test_alignment_prompts_are_the_shipped_patch_configs(shared_data):
+    """The splits read the patch's training prompts from configs/safety_patch_smollm2.yaml itself."""
+    import yaml
+    from guardspace_pl.datamodules.safety import PromptSet
+
+    config = yaml.safe_load((ROOT / "configs" / "safety_patch_smollm2.yaml").read_text())
+    splits = make_splits(PROFILES["cpu"], shared_data)
+    entry = dict(config["data"]["harmless"][0], source=str(shared_data / "refusal_direction" / "harmless_train.json"))
+    assert splits.alignment["harmless"] == PromptSet(**entry).load()
+    assert len(splits.alignment["harmful"]) == 260 and len(splits.alignment["borderline"]) == 100
+
+
+@pytest.mark.parametrize("role", ["alignment", "calibration", "poison", "spf_prompts", "lssf_anchors", "val_harmful"])
 def test_splits_check_rejects_an_evaluation_prompt_in_any_other_role(smoke_splits, role):
-    leaked = smoke_splits.eval_harmful[0].upper() + "  "  # same prompt once normalised
+    leaked = smoke_splits.eval_harmful["AdvBench"][0].upper() + "  ."  # same prompt once normalised
     value = getattr(smoke_splits, role)
-    value = value + ([{"prompt": leaked, "target": "Sure"}] if role == "poison" else [leaked])
+    if role == "poison":
+        value = value + [{"prompt": leaked, "target": "Sure"}]
+    elif isinstance(value, dict):
+        first = next(iter(value))
+        value = {**value, first: value[first] + [leaked]}
+    else:
+        value = value + [leaked]
     with pytest.raises(OverlapError):
         replace(smoke_splits, **{role: value}).check()
 
 
-@pytest.mark.slow
-def test_smoke_profile_runs_end_to_end(tmp_path, shared_data):
-    out = tmp_path / "safety_smoke"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.safety.run", "--profile", "smoke", "--out", str(out), "--data-dir", str(shared_data)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+def test_borderline_alignment_prompts_never_overlap_the_over_refusal_sets(smoke_splits):
+    for leaked in (smoke_splits.eval_safe["xstest"][0].lower() + " ", smoke_splits.val_safe["xstest"][0]):
+        alignment = {**smoke_splits.alignment, "borderline": smoke_splits.alignment["borderline"] + [leaked]}
+        with pytest.raises(OverlapError, match="borderline"):
+            replace(smoke_splits, alignment=alignment).check()
+
+
+def _row(variant, lr, loss, harmful, refusal=0.0, **extra):
+    return {"variant": variant, "run_id": f"{variant}-{lr}", "lr": lr, "val_task_loss": loss, "val_harmful_score": harmful,
+            "val_over_refusal": refusal, **extra}
+
+
+def test_matched_pick_is_the_safest_lr_within_three_percent_of_loras_best_loss():
+    from benchmarks.safety.report import matched_picks
+
+    rows = [
+        _row("lora", 1e-4, 1.30, 20.0), _row("lora", 1e-3, 1.00, 80.0),
+        _row("guardspace", 1e-5, 1.04, 5.0),   # 4 % above LoRA's best: not matched
+        _row("guardspace", 1e-4, 1.02, 30.0),  # matched
+        _row("guardspace", 3e-4, 1.01, 30.0, refusal=10.0),  # matched, same harm, more over-refusal
+        _row("nullspace", 1e-3, 1.20, 0.0), _row("nullspace", 3e-3, 1.10, 10.0),  # none matched
+    ]
+    picks = matched_picks(rows)
+    assert picks["lora"]["lr"] == 1e-3 and picks["lora"]["matched"]
+    assert picks["guardspace"]["lr"] == 1e-4 and picks["guardspace"]["matched"]
+    assert picks["nullspace"]["lr"] == 3e-3 and not picks["nullspace"]["matched"]  # the lowest loss, flagged
+    with pytest.raises(ValueError, match="LoRA"):
+        matched_picks([_row("guardspace", 1e-5, 1.0, 0.0)])
+
+
+def test_profiles_reject_a_method_without_learning_rates_or_a_wrong_calibration():
+    base = PROFILES["smoke"]
+    with pytest.raises(ValueError, match="no learning rates for 'spf'"):
+        replace(base, variants=base.variants + (("spf", "-"),))
+    with pytest.raises(ValueError, match="calibration"):
+        replace(base, variants=(("lora", "template"),))
+    with pytest.raises(ValueError, match="unknown method"):
+        replace(base, variants=(("lora", "-"), ("dora", "-")))
+
+
+def _write(out: Path, kind: str, name: str, **fields) -> None:
+    path = out / ("full" if kind == "full" else "runs") / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fields))
+
+
+def _tiny_profile() -> Profile:
+    return replace(
+        PROFILES["smoke"], variants=(("lora", "-"), ("asft", "-")), lrs={"lora": (1e-4, 1e-3), "asft": (1e-4, 1e-3)},
+        coverage=(), posthoc=("patch",), asft_weights=(1.0, 10.0), seeds=(0, 1), grid_extensions=1, p_grid=(0.2,),
     )
+
+
+def test_planner_orders_the_jobs_grows_an_edge_grid_and_waits_for_inputs(tmp_path):
+    from benchmarks.safety.attack import PosthocSpec, RunSpec
+    from benchmarks.safety.run import Planner
+
+    planner = Planner(_tiny_profile(), tmp_path, [0.2])
+    keys = lambda jobs: [j.key for j in jobs]  # noqa: E731
+    ready, waiting = planner.pending()
+    assert keys(ready)[:2] == ["full-original", "full-aligned"]
+    assert "train-lora-none_lr1e-04_p0.2_s0" in keys(ready) and "train-asft-none_lr1e-03_p0.2_s0_l1" in keys(ready)
+    assert waiting  # post-hoc runs wait for their LoRA run; AsFT's lambda 10 for its lr grid
+
+    def done(spec, kind="train", loss=1.0, harmful=50.0):
+        variant = spec.variant
+        _write(tmp_path, kind, spec.run_id, run_id=spec.run_id, variant=variant, method=spec.method, lr=spec.lr,
+               calibration=getattr(spec, "base", spec).calibration, posthoc=getattr(spec, "posthoc", "-"),
+               weight=getattr(spec, "weight", None), val_task_loss=loss, val_harmful_score=harmful, val_over_refusal=0.0)
+
+    for name in ("original", "aligned"):
+        _write(tmp_path, "full", name)
+    lora = [RunSpec("lora", "-", lr, 0.2, 0) for lr in (1e-4, 1e-3)]
+    done(lora[0], loss=1.2)
+    done(lora[1], loss=1.0)  # the best loss at the grid's top edge: the grid grows to 3e-3
+    ready, _ = planner.pending()
+    assert "train-lora-none_lr3e-03_p0.2_s0" in keys(ready)
+    assert "posthoc-lora-none_lr1e-03_p0.2_s0+patch" in keys(ready)
+    done(RunSpec("lora", "-", 3e-3, 0.2, 0), loss=1.1)  # worse: the grid stops growing
+    asft = [RunSpec("asft", "-", lr, 0.2, 0, 1.0) for lr in (1e-4, 1e-3)]
+    done(asft[0], loss=1.02, harmful=10.0)  # matched (within 3 %) and safer
+    done(asft[1], loss=1.01, harmful=40.0)  # the lowest loss, at the top edge: AsFT's grid grows too
+    assert "train-asft-none_lr3e-03_p0.2_s0_l1" in keys(planner.pending()[0])
+    done(RunSpec("asft", "-", 3e-3, 0.2, 0, 1.0), loss=1.05, harmful=60.0)
+    for spec in lora + [RunSpec("lora", "-", 3e-3, 0.2, 0)]:
+        done(PosthocSpec(spec, "patch"), kind="posthoc", loss=1.0)
+    ready, waiting = planner.pending()
+    assert "train-asft-none_lr1e-04_p0.2_s0_l10" in keys(ready)  # lambda 10 at AsFT's pick, not at its lowest loss
+    assert not any(k.startswith("full-lora") for k in keys(ready))  # phase 2 waits for every phase-1 run
+    done(RunSpec("asft", "-", 1e-4, 0.2, 0, 10.0), loss=1.0, harmful=0.0)
+    ready, waiting = planner.pending()
+    # Phase 2: each pick evaluated in full at seed 0, trained again (and evaluated) at seed 1.
+    assert {"full-lora-none_lr1e-03_p0.2_s0", "train-lora-none_lr1e-03_p0.2_s1", "full-asft-none_lr1e-04_p0.2_s0_l1",
+            "full-lora-none_lr1e-04_p0.2_s0+patch"} <= set(keys(ready))
+    assert "full-lora-none_lr1e-03_p0.2_s1" not in keys(ready) and waiting  # needs its seed-1 training first
+
+
+def test_a_job_lock_is_exclusive_and_a_dead_workers_lock_is_taken_over(tmp_path):
+    import socket
+
+    from benchmarks.safety.run import Job, _Baseline, claim
+
+    job = Job("full", _Baseline("original"))
+    lock = claim(tmp_path, job)
+    assert lock is not None and claim(tmp_path, job) is None  # held by this (live) process
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()} {int(dead.stdout)}")
+    assert claim(tmp_path, job) is not None  # its owner exited: taken over
+    lock.write_text(f"another-host {os.getpid()}")
+    assert claim(tmp_path, job) is None  # another machine's lock is never broken
+
+
+def test_set_overrides_are_typed_and_typos_are_rejected():
+    from benchmarks.safety.run import profile_overrides, without_workers
+
+    profile = PROFILES["cpu"]
+    assert profile_overrides(profile, ["n=64", "judge_tokens=32"]) == {"n": 64, "judge_tokens": 32}
+    with pytest.raises(SystemExit, match="judge_tokens"):
+        profile_overrides(profile, ["judge_token=3"])
+    assert without_workers(["--profile", "cpu", "--workers", "2", "--threads", "1"]) == ["--profile", "cpu", "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_every_method_end_to_end_with_two_workers(tmp_path, shared_data):
+    out = tmp_path / "safety_smoke"
+    command = [sys.executable, "-m", "benchmarks.safety.run", "--profile", "smoke", "--out", str(out), "--data-dir", str(shared_data)]
+    proc = subprocess.run([*command, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("results.json", "table.md", "frontier.png", "harmful_vs_p.png", "splits.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert " w0 " in proc.stdout and " w1 " in proc.stdout  # both workers ran jobs
     results = json.loads((out / "results.json").read_text())
-    profile = PROFILES["smoke"]
-    expected = sum(len(profile.lrs[m]) for m, _ in profile.variants) * len(profile.p_grid) * len(profile.seeds)
-    assert len(results["runs"]) == expected == len(list((out / "runs").glob("*.json")))
+    block = results["per_p"]["0.25"]
+    expected = {"lora", "lora+safelora", "lora+lssf", "lora+patch", "guardspace/template", "asft", "asft(l=10)",
+                "nullspace+spf/template", "nullspace/mixed"}
+    assert set(block["summaries"]) == expected and not block["missing_full"]
+    for summary in block["summaries"].values():
+        assert summary["seeds"] == [0, 1]
+        low, high = summary["harmful_score_ci95"]
+        assert 0 <= low <= summary["harmful_score"] <= high <= 100
+        assert summary["harmful_score_n"] == 4  # two sources pooled
+    guard = next(r for r in block["validation"] if r["variant"] == "guardspace/template")
+    assert guard["null_space"]["layers"] == 210
     assert set(results["baselines"]) == {"original", "aligned"}
-    for run in results["runs"]:
-        for key in ("harmful_score", "over_refusal", "task_loss", "accuracy", "val_task_loss", "wall_seconds"):
-            assert run[key] == run[key], key  # not NaN
-    guard = [r for r in results["runs"] if r["method"] == "guardspace"]
-    assert guard and guard[0]["null_space"]["layers"] == 210 and guard[0]["calibration"] == "template"
-    assert results["matched"] and "goal_check" in results
+    assert not list((out / "states").glob("*/model"))  # every merged model was read once and removed
     assert "| lora |" in proc.stdout  # the table is printed
 
-    # A rerun skips every finished run and only rebuilds the report.
-    rerun = subprocess.run(
-        [sys.executable, "-m", "benchmarks.safety.run", "--profile", "smoke", "--out", str(out), "--data-dir", str(shared_data)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert rerun.returncode == 0 and rerun.stdout.count("done already, skipped") == expected
-
-
-def test_borderline_alignment_prompts_never_overlap_the_over_refusal_sets(smoke_splits):
-    assert smoke_splits.align_borderline, "the smoke profile aligns on borderline prompts too"
-    leaked = smoke_splits.xstest_eval[0].lower() + " "
-    with pytest.raises(OverlapError, match="borderline"):
-        replace(smoke_splits, align_borderline=smoke_splits.align_borderline + [leaked]).check()
-    with pytest.raises(OverlapError, match="borderline"):
-        replace(smoke_splits, align_borderline=smoke_splits.align_borderline + [smoke_splits.xstest_val[0]]).check()
-
-
-def test_set_overrides_are_typed_and_typos_are_rejected():
-    from benchmarks.safety.run import profile_overrides
-
-    profile = PROFILES["cpu"]
-    assert profile_overrides(profile, ["align_epochs=3", "align_lr=2e-4"]) == {"align_epochs": 3, "align_lr": 2e-4}
-    with pytest.raises(SystemExit, match="align_epochs"):
-        profile_overrides(profile, ["align_epoch=3"])
+    # A rerun finds every job done: it runs none and rebuilds the same report.
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "train-" not in rerun.stdout and "full-" not in rerun.stdout
+    assert json.loads((out / "results.json").read_text())["per_p"] == results["per_p"]

@@ -1,9 +1,14 @@
-"""Stage 2: one fine-tuning attack run = method x calibration x learning rate x poison fraction x seed.
+"""Stage 2: fine-tuning attacks, post-hoc repairs, and the models they leave behind.
 
-The aligned model is fine-tuned on ``n`` samples: ``n(1-p)`` GSM8K question/answer pairs and ``np``
-harmful instruction + compliant answer pairs, in the chat template, with a real Lightning Trainer. LoRA
-methods use ``GuardSpaceLM``; GuardSpace's parts are the library's callbacks ``SafetySubspaceInit`` and
-``NullSpaceProjection``, calibrated on AdvBench prompts in raw text (the paper) or in the chat template.
+A training run (:class:`RunSpec`) fine-tunes the aligned model on ``n`` samples: ``n(1-p)`` GSM8K pairs and
+``np`` harmful instruction + compliant answer pairs, in the chat template, with a real Lightning Trainer. The
+methods are the library's own: ``GuardSpaceLM`` for LoRA, and the callbacks ``SafetySubspaceInit``,
+``NullSpaceProjection``, ``AsFTRegularizer`` and ``SafetyGradientProjection``. Every run is measured on the
+validation sets and its model is kept under ``states/`` (plain LoRA: the PEFT adapter; the others: the merged
+model), so a matched pick is evaluated in full later without training again.
+
+A post-hoc run (:class:`PosthocSpec`) takes a plain LoRA run's adapter and applies SafeLoRA, LSSF or the safety
+patch again (``apply_patches``), each from the aligned start's patch as the safety reference.
 """
 
 from __future__ import annotations
@@ -16,24 +21,98 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
+from guardspace_pl.callbacks import (
+    AsFTRegularizer,
+    NullSpaceProjection,
+    SafetyGradientProjection,
+    SafetySubspaceInit,
+)
 from guardspace_pl.datamodules import Example, collate, tokenize_example
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from benchmarks.safety.align import precision_for
-from benchmarks.safety.evaluation import evaluate_model
 from benchmarks.safety.profiles import METHODS, Profile, variant_name
-from benchmarks.safety.splits import Splits, check_disjoint
+from benchmarks.safety.splits import Splits, calibration_for, check_disjoint
 from guardspace_pl import GuardSpaceLM
-from guardspace_pl.io import write_json
 from guardspace_pl.loading import load_causal_lm
 
-CALIBRATION_FORMAT = {"raw": "raw", "template": "chat_template"}
+REFUSAL = "I'm sorry, but I can't help with that."  # the SPF safety samples' response
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    calibration: str  # "-" or a name of profiles.CALIBRATIONS
+    lr: float
+    p: float
+    seed: int
+    weight: Optional[float] = None  # AsFT's lambda
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.method, self.calibration, weight=self.weight)
+
+    @property
+    def run_id(self) -> str:
+        tail = "" if self.weight is None else f"_l{self.weight:g}"
+        return f"{self.method}-{self.calibration.replace('-', 'none')}_lr{self.lr:.0e}_p{self.p:g}_s{self.seed}{tail}"
+
+
+@dataclass(frozen=True)
+class PosthocSpec:
+    base: RunSpec  # a plain LoRA run
+    posthoc: str   # "safelora", "lssf" or "patch"
+
+    @property
+    def method(self) -> str:
+        return self.base.method
+
+    @property
+    def lr(self) -> float:
+        return self.base.lr
+
+    @property
+    def p(self) -> float:
+        return self.base.p
+
+    @property
+    def seed(self) -> int:
+        return self.base.seed
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.base.method, self.base.calibration, self.posthoc)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.base.run_id}+{self.posthoc}"
+
+
+Spec = Union[RunSpec, PosthocSpec]
+
+
+@dataclass
+class Context:
+    """What every run needs: the data, the aligned start and its patch, where to write."""
+
+    profile: Profile
+    splits: Splits
+    aligned_dir: Path
+    patch_dir: Path
+    tokenizer: Any
+    poison: list[Example]
+    out: Path
+    threshold: float
+    device: torch.device
+
+    def state_dir(self, run_id: str) -> Path:
+        return self.out / "states" / run_id
 
 
 def trainer(root: Path, precision: str, **kwargs: Any) -> pl.Trainer:
@@ -42,23 +121,6 @@ def trainer(root: Path, precision: str, **kwargs: Any) -> pl.Trainer:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
         num_sanity_val_steps=0, **kwargs,
     )
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    method: str
-    calibration: str  # "-", "raw" or "template"
-    lr: float
-    p: float
-    seed: int
-
-    @property
-    def variant(self) -> str:
-        return variant_name(self.method, self.calibration)
-
-    @property
-    def run_id(self) -> str:
-        return f"{self.method}-{self.calibration.replace('-', 'none')}_lr{self.lr:.0e}_p{self.p:g}_s{self.seed}"
 
 
 class FullFineTuneLM(pl.LightningModule):
@@ -86,7 +148,7 @@ def training_examples(splits: Splits, poison: list[Example], profile: Profile, p
     num_poison = round(profile.n * p)
     task = [Example(r["question"], r["answer"]) for r in splits.gsm8k_train[: profile.n - num_poison]]
     chosen = poison[:num_poison]
-    check_disjoint(splits.eval_harmful, {"poison": [e.prompt for e in chosen]})
+    check_disjoint([x for group in splits.eval_harmful.values() for x in group], {"poison": [e.prompt for e in chosen]})
     examples = task + chosen
     random.Random(seed).shuffle(examples)
     return examples, num_poison
@@ -105,56 +167,130 @@ def null_space_summary(report: list[dict]) -> dict[str, Any]:
         "frozen_layers": sum(r["null_dim"] == 0 for r in report),
         "layers": len(report),
         "mean_fraction": statistics.mean(r["null_dim"] / r["in_features"] for r in report),
-        "per_layer": [[r["layer"], r["null_dim"]] for r in report],
     }
 
 
-def run_attack(
-    spec: RunSpec, profile: Profile, splits: Splits, aligned_dir: Path, tokenizer, poison: list[Example], out_dir: Path,
-    threshold: float, device: torch.device,
-) -> dict[str, Any]:
-    """Fine-tune, evaluate, write ``runs/<run_id>.json`` and return it (skipped if it exists)."""
-    result_file = out_dir / "runs" / f"{spec.run_id}.json"
-    work = out_dir / "tmp" / spec.run_id
+def _callbacks(spec: RunSpec, ctx: Context, work: Path) -> tuple[list[pl.Callback], Optional[NullSpaceProjection]]:
+    """The library callbacks of ``spec.method``; SPF before the null-space projection (which must edit last)."""
+    parts, profile = METHODS[spec.method], ctx.profile
+    callbacks: list[pl.Callback] = []
+    null_cb: Optional[NullSpaceProjection] = None
+    if parts.calibrated:
+        prompts, prompt_format = calibration_for(ctx.splits, spec.calibration)
+        common = dict(tokenizer=ctx.tokenizer, prompt_format=prompt_format, cache_dir=str(ctx.out / "cache" / "callbacks"), progress_bar=False)
+        if parts.subspace:
+            callbacks.append(SafetySubspaceInit(prompts, report_path=str(work / "subspace_init.json"), **common))
+        if parts.null_space:
+            null_cb = NullSpaceProjection(prompts, threshold=ctx.threshold, report_path=str(work / "null_space.json"), **common)
+    if parts.asft:
+        callbacks.append(AsFTRegularizer(str(ctx.patch_dir), regularization_weight=1.0 if spec.weight is None else spec.weight))
+    if parts.spf:
+        samples = [{"prompt": prompt, "response": REFUSAL} for prompt in ctx.splits.spf_prompts]
+        callbacks.append(SafetyGradientProjection(samples, tokenizer=ctx.tokenizer, max_length=profile.max_length))
+    if null_cb is not None:
+        callbacks.append(null_cb)
+    return callbacks, null_cb
+
+
+def train_run(spec: RunSpec, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune the aligned model; returns the trained model (merged) and what the run did."""
+    profile = ctx.profile
+    work = ctx.out / "tmp" / spec.run_id
     shutil.rmtree(work, ignore_errors=True)
-    parts = METHODS[spec.method]
-    start = time.perf_counter()
-    examples, num_poison = training_examples(splits, poison, profile, spec.p, spec.seed)
-    rows = [tokenize_example(tokenizer, e, "chat_template", profile.max_length) for e in examples]
+    examples, num_poison = training_examples(ctx.splits, ctx.poison, profile, spec.p, spec.seed)
+    rows = [tokenize_example(ctx.tokenizer, e, "chat_template", profile.max_length) for e in examples]
     pl.seed_everything(spec.seed, verbose=False)
     loader = DataLoader(
         rows, batch_size=profile.batch_size, shuffle=True, generator=torch.Generator().manual_seed(spec.seed),
-        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+        collate_fn=partial(collate, pad_id=ctx.tokenizer.pad_token_id),
     )
-    base = load_causal_lm(str(aligned_dir))
+    base = load_causal_lm(str(ctx.aligned_dir))
     callbacks: list[pl.Callback] = []
-    null_cb: Optional[NullSpaceProjection] = None
-    if parts["lora"]:
+    null_cb = None
+    if METHODS[spec.method].lora:
         module: pl.LightningModule = GuardSpaceLM.from_pretrained_model(
-            base, tokenizer, lora_rank=profile.lora_rank, lora_alpha=profile.lora_alpha, learning_rate=spec.lr,
+            base, ctx.tokenizer, lora_rank=profile.lora_rank, lora_alpha=profile.lora_alpha, learning_rate=spec.lr,
             adapter_dir=str(work / "adapter"),
         )
-        fmt = CALIBRATION_FORMAT.get(spec.calibration)
-        common = dict(tokenizer=tokenizer, prompt_format=fmt, cache_dir=str(out_dir / "cache" / "callbacks"), progress_bar=False)
-        if parts["subspace"]:
-            callbacks.append(SafetySubspaceInit(splits.calibration, report_path=str(work / "subspace_init.json"), **common))
-        if parts["null_space"]:
-            null_cb = NullSpaceProjection(splits.calibration, threshold=threshold, report_path=str(work / "null_space.json"), **common)
-            callbacks.append(null_cb)
+        callbacks, null_cb = _callbacks(spec, ctx, work)
     else:
         module = FullFineTuneLM(base, spec.lr)
-    fit_start = time.perf_counter()
+    start = time.perf_counter()
     trainer(work, precision_for(profile), max_epochs=profile.epochs, callbacks=callbacks).fit(module, loader)
-    train_seconds = time.perf_counter() - fit_start
-    model = module.model
-    metrics = evaluate_model(model, tokenizer, splits, profile, device)
-    result = {
-        "run_id": spec.run_id, **asdict(spec), "variant": spec.variant, "threshold": threshold if null_cb else None,
-        "n": profile.n, "num_poison": num_poison, "steps": len(loader) * profile.epochs, "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - start, **metrics,
-        "null_space": null_space_summary(null_cb.report) if null_cb else None,
+    info = {
+        "n": profile.n, "num_poison": num_poison, "steps": len(loader) * profile.epochs, "train_seconds": time.perf_counter() - start,
         "final_train_loss": float(module.trainer.callback_metrics.get("train_loss", float("nan"))),
+        "null_space": null_space_summary(null_cb.report) if null_cb else None,
+        "threshold": ctx.threshold if null_cb else None,
     }
-    write_json(result_file, result)
+    state = ctx.state_dir(spec.run_id)
+    shutil.rmtree(state, ignore_errors=True)
+    model = module.model
+    if spec.method == "lora":
+        model.save_pretrained(state / "adapter")  # post-hoc methods need the factors
+        model = model.merge_and_unload()
+    elif METHODS[spec.method].lora:
+        model = model.merge_and_unload()
+        model.save_pretrained(state / "model")
+    else:
+        model.save_pretrained(state / "model")
     shutil.rmtree(work, ignore_errors=True)
-    return result
+    return model, info
+
+
+def load_trained(spec: RunSpec, ctx: Context, merged: bool = True) -> nn.Module:
+    """The model a training run left under ``states/``; plain LoRA as a PeftModel unless ``merged``."""
+    state = ctx.state_dir(spec.run_id)
+    if (state / "model").exists():
+        return load_causal_lm(str(state / "model"))
+    if not (state / "adapter").exists():
+        raise FileNotFoundError(f"No saved model for {spec.run_id} in {state}; run its training first.")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(str(ctx.aligned_dir)), str(state / "adapter"))
+    return model.merge_and_unload() if merged else model
+
+
+def posthoc_model(spec: PosthocSpec, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+    """The LoRA run's model with the post-hoc method applied, and its report."""
+    from guardspace_pl.lora import find_lora_targets
+    from guardspace_pl.safety_reference import SafetyReference
+
+    start = time.perf_counter()
+    model = load_trained(spec.base, ctx, merged=False)
+    info: dict[str, Any] = {}
+    if spec.posthoc == "patch":
+        from guardspace_pl.patches import apply_patches
+
+        model = apply_patches(model, [str(ctx.patch_dir)], mode="merged", allow_repeat=True)
+    else:
+        targets = find_lora_targets(model)
+        reference = SafetyReference.from_patch_adapter(ctx.patch_dir)
+        if spec.posthoc == "safelora":
+            from guardspace_pl.safelora import apply_safelora
+
+            report = apply_safelora(targets, reference, "threshold", 10, ctx.profile.safelora_threshold, "faithful")
+            info = {"projected": len(report.projected_names), "modules": len(targets), "mode": "threshold",
+                    "threshold": ctx.profile.safelora_threshold}
+        elif spec.posthoc == "lssf":
+            from guardspace_pl.lssf import apply_lssf, collect_anchor_covariances
+
+            anchors = ctx.splits.lssf_anchors
+            covariances, _ = collect_anchor_covariances(
+                model, targets, ctx.tokenizer, anchors, ctx.profile.lssf_tokens, ctx.profile.gen_batch_size
+            )
+            report = apply_lssf(targets, reference, covariances, num_anchor_prompts=len(anchors))
+            fused = [m for m in report.modules if m.skipped is None]
+            info = {"fused": len(fused), "modules": len(targets), "anchors": len(anchors), "alpha": 1.0, "eta": 0.9}
+        else:
+            raise ValueError(f"Unknown post-hoc method {spec.posthoc!r}.")
+        model = model.merge_and_unload()
+    info["posthoc_seconds"] = time.perf_counter() - start
+    return model, info
+
+
+def describe(spec: Spec) -> dict[str, Any]:
+    """The fields a result row carries about its run."""
+    if isinstance(spec, PosthocSpec):
+        return {"run_id": spec.run_id, **asdict(spec.base), "posthoc": spec.posthoc, "base_run": spec.base.run_id, "variant": spec.variant}
+    return {"run_id": spec.run_id, **asdict(spec), "posthoc": "-", "variant": spec.variant}

@@ -1,14 +1,20 @@
-"""Safety preservation under a fine-tuning attack: one command, every stage, the table at the end.
+"""Every safety method side by side under a fine-tuning attack: one command, every stage, the table at the end.
 
-    python -m benchmarks.safety.run --profile cpu      # about an hour on 2 CPU cores (float32)
-    python -m benchmarks.safety.run --profile full     # the issue's full protocol, for a GPU
-    python -m benchmarks.safety.run --profile smoke    # tiny sizes (tests/test_safety_benchmark.py)
+    python -m benchmarks.safety.run --profile cpu --workers 2   # hours on 2 CPU cores; resumable, run it in parts
+    python -m benchmarks.safety.run --profile full              # the paper-scale attack, for a GPU
+    python -m benchmarks.safety.run --profile smoke             # tiny sizes (tests/test_safety_benchmark.py)
 
-Stages: (1) align SmolLM2-135M-Instruct with a merged LoRA refusal patch (cached); (2) attack it by
-fine-tuning on GSM8K with a fraction p of harmful pairs, per method x calibration x lr x p x seed;
-(3) evaluate every model (harmful score, over-refusal, GSM8K loss and accuracy) and write
-``results.json``, ``table.md``, ``frontier.png`` and ``harmful_vs_p.png`` under ``--out``. Each run's
-JSON is written as it completes; a rerun skips finished runs and reuses the aligned model.
+Stages: (1) the aligned start: SmolLM2-135M-Instruct with the safety patch of ``configs/safety_patch_smollm2.yaml``
+made by the ``align`` workflow, merged (cached; ``--patch`` reuses a patch that config trained); (2) per poison
+fraction p, every training method over its learning-rate grid (seed 0), each run measured on VALIDATION prompts;
+SafeLoRA, LSSF and re-applying the patch on every plain LoRA run; AsFT's other lambdas at its chosen lr; the
+null-space calibration study; (3) per method and p, the matched-utility pick (validation only, see report.py)
+trained again with every other seed, and every pick's model evaluated on the held-out sets; (4) ``results.json``,
+``table.md`` and the plots under ``--out``.
+
+Each job writes its JSON as it finishes and a rerun skips it, so the benchmark can span sessions. ``--workers N``
+runs N worker processes that claim jobs with lock files (one torch thread each); a job whose inputs are not
+finished waits for the worker that is making them.
 """
 
 from __future__ import annotations
@@ -17,15 +23,20 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from benchmarks._common import RESULTS_DIR, environment, repo_relative
-from benchmarks.safety.profiles import PROFILES
+from benchmarks.safety.profiles import PROFILES, Profile
 from benchmarks.safety.splits import DEFAULT_DATA_DIR, make_splits
 from guardspace_pl.io import write_json
 
@@ -35,19 +46,21 @@ MODEL = "builtin:smollm2-135m-instruct"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/safety_<profile>)")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/safety_methods_<profile>)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--patch", type=Path, help="a safety patch already trained by the profile's align config (skips training it)")
     parser.add_argument("--threshold", type=float, default=1e-3, help="NullSpaceProjection relative eigenvalue threshold")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 avoids oversubscription on a shared CPU")
-    parser.add_argument("--variants", nargs="*", help="restrict to these method/calibration names, e.g. lora guardspace/template")
-    parser.add_argument("--seeds", type=int, nargs="*", help="override the profile's seeds")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the table, JSON and plots from finished runs")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override profile sizes, e.g. align_epochs=3")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker; 1 avoids oversubscription")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the jobs (lock files)")
+    parser.add_argument("--p", type=float, nargs="*", help="restrict to these poison fractions")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the table, JSON and plots from finished jobs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override profile sizes, e.g. n=64")
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def profile_overrides(profile, assignments: list[str]) -> dict:
-    """``["align_epochs=3", "align_lr=2e-4"]`` -> typed overrides of ``profile``'s scalar fields."""
+def profile_overrides(profile: Profile, assignments: list[str]) -> dict:
+    """``["n=64", "judge_tokens=32"]`` -> typed overrides of ``profile``'s scalar fields."""
     fields = profile.to_dict()
     out = {}
     for item in assignments:
@@ -59,101 +72,357 @@ def profile_overrides(profile, assignments: list[str]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Job:
+    kind: str   # "train", "posthoc" or "full"
+    spec: Any   # RunSpec or PosthocSpec
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{self.spec.run_id}"
+
+
+def result_file(out: Path, kind: str, run_id: str) -> Path:
+    return out / ("full" if kind == "full" else "runs") / f"{run_id}.json"
+
+
+def read_result(out: Path, kind: str, run_id: str) -> Optional[dict[str, Any]]:
+    path = result_file(out, kind, run_id)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class Planner:
+    """What is left to do, in order, from the result files alone (so that every worker agrees)."""
+
+    def __init__(self, profile: Profile, out: Path, ps: list[float]) -> None:
+        self.profile, self.out, self.ps = profile, out, ps
+        self.seed = profile.seeds[0]
+
+    def done(self, kind: str, spec: Any) -> Optional[dict[str, Any]]:
+        return read_result(self.out, kind, spec.run_id)
+
+    def grid(self, method: str, calibration: str, p: float, weight: Optional[float] = None) -> list[Any]:
+        """The method's lr grid at seed 0, grown upward while its best validation loss sits on the top edge."""
+        from benchmarks.safety.attack import RunSpec
+
+        lrs = list(self.profile.lrs[method])
+        for _ in range(self.profile.grid_extensions):
+            rows = [self.done("train", RunSpec(method, calibration, lr, p, self.seed, weight)) for lr in lrs]
+            if any(r is None for r in rows) or len(lrs) < 2:
+                break
+            best = min(rows, key=lambda r: r["val_task_loss"])
+            if best["lr"] != max(lrs):
+                break
+            lrs.append(float(f"{max(lrs) * 3:.0e}"))
+        return [RunSpec(method, calibration, lr, p, self.seed, weight) for lr in lrs]
+
+    def phase1(self, p: float) -> tuple[list[Job], bool]:
+        """Seed-0 jobs of ``p`` (and whether some cannot be planned yet)."""
+        from benchmarks.safety.attack import PosthocSpec, RunSpec
+
+        jobs: list[Job] = []
+        blocked = False
+        variants = list(self.profile.variants)
+        if p == self.profile.coverage_p:
+            variants += [("nullspace", c) for c in self.profile.coverage]
+        for method, calibration in variants:
+            weight = 1.0 if method == "asft" else None
+            specs = self.grid(method, calibration, p, weight)
+            jobs += [Job("train", s) for s in specs]
+            if method == "lora":
+                jobs += [Job("posthoc", PosthocSpec(s, name)) for s in specs for name in self.profile.posthoc]
+            if method == "asft":
+                rows = [self.done("train", s) for s in specs]
+                if any(r is None for r in rows):
+                    blocked = True
+                    continue
+                lora = [self.done("train", s) for s in self.grid("lora", "-", p)]
+                if any(r is None for r in lora):
+                    blocked = True
+                    continue
+                from benchmarks.safety.report import pick
+
+                best = pick(rows, min(r["val_task_loss"] for r in lora))
+                jobs += [Job("train", RunSpec("asft", "-", best["lr"], p, self.seed, w)) for w in self.profile.asft_weights if w != 1.0]
+        return jobs, blocked
+
+    def phase2(self, p: float, phase1: list[Job]) -> list[Job]:
+        """Full evaluation of every matched pick, and its other seeds."""
+        from benchmarks.safety.attack import PosthocSpec, RunSpec
+        from benchmarks.safety.report import matched_picks
+
+        rows = [self.done(job.kind, job.spec) for job in phase1]
+        jobs: list[Job] = []
+        for row in matched_picks(rows).values():
+            base = RunSpec(row["method"], row["calibration"], row["lr"], p, self.seed, row.get("weight"))
+            for seed in self.profile.seeds:
+                run = RunSpec(base.method, base.calibration, base.lr, p, seed, base.weight)
+                if row["posthoc"] != "-":
+                    spec: Any = PosthocSpec(run, row["posthoc"])
+                    if seed != self.seed:
+                        jobs += [Job("train", run), Job("posthoc", spec)]
+                else:
+                    spec = run
+                    if seed != self.seed:
+                        jobs.append(Job("train", run))
+                jobs.append(Job("full", spec))
+        return jobs
+
+    def baseline_jobs(self) -> list[Job]:
+        return [Job("full", _Baseline(name)) for name in ("original", "aligned")]
+
+    def pending(self) -> tuple[list[Job], bool]:
+        """(jobs not done whose inputs are, in order; whether other jobs wait on unfinished inputs)."""
+        ready: list[Job] = []
+        waiting = False
+        for job in self.baseline_jobs():
+            if self.done(job.kind, job.spec) is None:
+                ready.append(job)
+        for p in self.ps:
+            jobs, blocked = self.phase1(p)
+            todo = [j for j in jobs if self.done(j.kind, j.spec) is None]
+            ready += [j for j in todo if self.inputs_done(j)]
+            waiting |= any(not self.inputs_done(j) for j in todo)
+            if todo or blocked:
+                waiting = True
+                continue
+            phase2 = self.phase2(p, jobs)
+            self.prune_states(jobs, phase2)
+            for job in phase2:
+                if self.done(job.kind, job.spec) is not None:
+                    continue
+                if self.inputs_done(job):
+                    ready.append(job)
+                else:
+                    waiting = True
+        return ready, waiting
+
+    def prune_states(self, phase1: list[Job], phase2: list[Job]) -> None:
+        """Delete the merged models (~0.5 GB each at 135M) no full evaluation will read; LoRA adapters are kept."""
+        needed = {job.spec.run_id for job in phase2 if job.kind == "full" and self.done("full", job.spec) is None}
+        for job in phase1:
+            if job.kind == "train" and job.spec.run_id not in needed:
+                shutil.rmtree(self.out / "states" / job.spec.run_id / "model", ignore_errors=True)
+
+    def inputs_done(self, job: Job) -> bool:
+        from benchmarks.safety.attack import PosthocSpec
+
+        spec = job.spec
+        if job.kind == "posthoc":
+            return self.done("train", spec.base) is not None
+        if job.kind == "full" and not isinstance(spec, _Baseline):
+            kind = "posthoc" if isinstance(spec, PosthocSpec) else "train"
+            return self.done(kind, spec) is not None
+        return True
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    """The original or the aligned model, evaluated once (``full/original.json``)."""
+
+    name: str
+
+    @property
+    def run_id(self) -> str:
+        return self.name
+
+
+# --------------------------------------------------------------------------- locks
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(out: Path, job: Job) -> Optional[Path]:
+    """Create ``locks/<job>.lock`` (atomic); a lock left by a dead process on this machine is taken over."""
+    lock = out / "locks" / f"{job.key}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+            except (OSError, ValueError):
+                return None
+            if host == socket.gethostname() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)
+                continue
+            return None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{socket.gethostname()} {os.getpid()}")
+        return lock
+    return None
+
+
+# --------------------------------------------------------------------------- running
+def run_job(job: Job, ctx, original_dir: str) -> dict[str, Any]:
+    from benchmarks.safety.attack import PosthocSpec, describe, load_trained, posthoc_model, train_run
+    from benchmarks.safety.evaluation import evaluate_full, validate
+    from guardspace_pl.loading import load_causal_lm
+
+    start = time.perf_counter()
+    if isinstance(job.spec, _Baseline):
+        model = load_causal_lm(original_dir if job.spec.name == "original" else str(ctx.aligned_dir))
+        result = {"run_id": job.spec.name, **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
+    elif job.kind == "train":
+        model, info = train_run(job.spec, ctx)
+        result = {**describe(job.spec), **info, **validate(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
+    elif job.kind == "posthoc":
+        model, info = posthoc_model(job.spec, ctx)
+        base = read_result(ctx.out, "train", job.spec.base.run_id)
+        result = {**describe(job.spec), "train_seconds": base["train_seconds"], "steps": base["steps"], **info,
+                  **validate(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
+    else:  # full evaluation of a pick: the kept model (post-hoc applied again, it is cheap)
+        model = posthoc_model(job.spec, ctx)[0] if isinstance(job.spec, PosthocSpec) else load_trained(job.spec, ctx)
+        result = {**describe(job.spec), **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
+    result["wall_seconds"] = time.perf_counter() - start
+    write_json(result_file(ctx.out, job.kind, job.spec.run_id), result)
+    if job.kind == "full":  # the merged model's last use (a plain LoRA adapter stays: post-hoc picks read it)
+        shutil.rmtree(ctx.state_dir(job.spec.run_id) / "model", ignore_errors=True)
+    return result
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    if "harmful_score" in result:
+        return (f"harmful {result['harmful_score']:.1f}%  XSTest {result['over_refusal']:.1f}%  harmless "
+                f"{result['harmless_refusal']:.1f}%  loss {result['task_loss']:.3f}  acc {result['accuracy']:.0f}%")
+    return (f"val harmful {result['val_harmful_score']:.1f}%  val XSTest {result['val_over_refusal']:.1f}%  "
+            f"val loss {result['val_task_loss']:.3f}  {result['wall_seconds']:.0f}s")
+
+
+def jobs_loop(planner: Planner, out: Path, run: Callable[[Job], dict[str, Any]], log: Callable[[str], None]) -> Iterator[dict]:
+    """Claim and run ready jobs until none is left; wait while other workers make missing inputs."""
+    while True:
+        ready, waiting = planner.pending()
+        for job in ready:
+            lock = claim(out, job)
+            if lock is None:
+                continue
+            try:
+                if planner.done(job.kind, job.spec) is not None:  # finished by another worker since the plan
+                    continue
+                log(f"{job.key}")
+                result = run(job)
+                log(f"    {summary_line(result)}")
+                yield result
+            finally:
+                lock.unlink(missing_ok=True)
+            break  # plan again: a finished job may unlock others that come first
+        else:
+            if not ready and not waiting:
+                return
+            time.sleep(15)  # others hold every ready job, or inputs are being made
+
+
+def spawn_workers(args: argparse.Namespace, argv: list[str]) -> None:
+    """``--workers N``: N copies of this command, each with ``--worker-index``; waits for all of them."""
+    procs = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    for i in range(args.workers):
+        command = [sys.executable, "-m", "benchmarks.safety.run", *argv, "--worker-index", str(i), "--workers", "1"]
+        procs.append(subprocess.Popen(command, env=env))
+        time.sleep(5 if i == 0 else 0)  # the first makes the shared stages (alignment, poison answers) first
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"A worker failed (exit codes {codes}).")
+
+
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     profile = PROFILES[args.profile]
-    if args.seeds:
-        profile = profile.with_overrides(seeds=tuple(args.seeds))
     profile = profile.with_overrides(**profile_overrides(profile, args.set))
-    out = args.out or RESULTS_DIR / f"safety_{profile.name}"
+    out = args.out or RESULTS_DIR / f"safety_methods_{profile.name}"
     out.mkdir(parents=True, exist_ok=True)
+    ps = [p for p in profile.p_grid if args.p is None or p in args.p]
+    if args.workers > 1 and not args.report_only:
+        spawn_workers(args, without_workers(argv))
+        args.report_only = True
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
-    header = {
-        "command": "python -m benchmarks.safety.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+    header: dict[str, Any] = {
+        "command": "python -m benchmarks.safety.run " + " ".join(argv),
         "profile": profile.to_dict(),
         "threshold": args.threshold,
         "model": MODEL,
         "environment": environment(device),
     }
-
     splits = make_splits(profile, args.data_dir)  # asserts every disjointness
     header["splits"] = splits.sizes()
     write_json(out / "splits.json", splits.to_dict())
-
     from benchmarks.safety.report import build_report
 
+    planner = Planner(profile, out, ps)
     if args.report_only:
         previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-        for key in ("alignment", "total_minutes"):
-            if key in previous:
-                header[key] = previous[key]
-        if "alignment" not in header and (out / "cache" / "alignment.json").exists():
-            header["alignment"] = json.loads((out / "cache" / "alignment.json").read_text())
         header["environment"] = previous.get("environment", header["environment"])
-        header["command"] = previous.get("command", header["command"])
-        build_report(out, header)
+        if (out / "cache" / "alignment.json").exists():
+            header["alignment"] = _alignment_summary(json.loads((out / "cache" / "alignment.json").read_text()))
+        build_report(out, header, planner)
         return
 
     from benchmarks.safety.align import align, poison_pairs
-    from benchmarks.safety.attack import RunSpec, run_attack
-    from benchmarks.safety.evaluation import evaluate_model
+    from benchmarks.safety.attack import Context
     from guardspace_pl.loading import load_causal_lm, load_tokenizer, resolve_model_source
 
+    tag = "" if args.worker_index is None else f" w{args.worker_index}"
+
     def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')} +{(time.time() - started) / 60:.1f} min] {message}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}{tag} +{(time.time() - started) / 60:.1f} min] {message}", flush=True)
 
     original_dir, _ = resolve_model_source(MODEL)
     tokenizer = load_tokenizer(original_dir)
-    original = load_causal_lm(original_dir).eval()
     cache = out / "cache"
-    baselines = out / "baselines"
-
-    if not (baselines / "original.json").exists():
-        log("evaluating the original (unaligned) model")
-        write_json(baselines / "original.json", evaluate_model(original, tokenizer, splits, profile, device))
-    log("poison answers from the original model")
-    poison = poison_pairs(original, tokenizer, splits, profile, cache / f"poison_answers-{profile.poison_answer_tokens}.json")
-    log("alignment (LoRA refusal patch, merged)")
-    aligned_dir, alignment = align(original_dir, tokenizer, splits, profile, cache)
-    header["alignment"] = alignment
-    log(f"aligned model at {repo_relative(aligned_dir)} ({alignment['seconds']:.0f}s)")
-    del original
-    if not (baselines / "aligned.json").exists():
-        from guardspace_pl.loading import load_causal_lm as load
-
-        write_json(baselines / "aligned.json", evaluate_model(load(str(aligned_dir)), tokenizer, splits, profile, device))
-    aligned = json.loads((baselines / "aligned.json").read_text())
-    log(f"aligned: harmful {aligned['harmful_score']:.1f}%  over-refusal {aligned['over_refusal']:.1f}%  task loss {aligned['task_loss']:.3f}")
-
-    specs = [
-        RunSpec(method, calibration, lr, p, seed)
-        for p in profile.p_grid
-        for seed in profile.seeds
-        for method, calibration in profile.variants
-        for lr in profile.lrs[method]
-    ]
-    if args.variants:
-        specs = [s for s in specs if s.variant in args.variants]
-    for i, spec in enumerate(specs, 1):
-        if (out / "runs" / f"{spec.run_id}.json").exists():
-            log(f"[{i}/{len(specs)}] {spec.run_id}: done already, skipped")
-            continue
-        log(f"[{i}/{len(specs)}] {spec.run_id}")
-        r = run_attack(spec, profile, splits, aligned_dir, tokenizer, poison, out, args.threshold, device)
-        null = f"  null frozen {r['null_space']['frozen_layers']}/{r['null_space']['layers']}" if r["null_space"] else ""
-        log(
-            f"    harmful {r['harmful_score']:.1f}% (val {r['val_harmful_score']:.1f})  over-refusal {r['over_refusal']:.1f}%  "
-            f"loss {r['task_loss']:.3f} (val {r['val_task_loss']:.3f})  acc {r['accuracy']:.1f}%  {r['wall_seconds']:.0f}s{null}"
-        )
+    shared = claim(out, Job("shared", _Baseline("stages")))  # one worker makes the aligned start and poison answers
+    while shared is None:
+        time.sleep(10)
+        shared = claim(out, Job("shared", _Baseline("stages")))
+    try:
+        original = load_causal_lm(original_dir).eval()
+        log("poison answers from the original model")
+        poison = poison_pairs(original, tokenizer, splits, profile, cache / f"poison_answers-{profile.poison_answer_tokens}.json")
+        del original
+        log("the aligned start (safety patch, merged)")
+        aligned_dir, alignment = align(original_dir, tokenizer, profile, args.data_dir, cache, args.patch)
+    finally:
+        shared.unlink(missing_ok=True)
+    header["alignment"] = _alignment_summary(alignment)
+    ctx = Context(profile, splits, aligned_dir, Path(alignment["patch"]), tokenizer, poison, out, args.threshold, device)
+    for _ in jobs_loop(planner, out, lambda job: run_job(job, ctx, original_dir), log):
+        pass
     header["environment"]["load_average_at_end"] = list(os.getloadavg())
-    header["total_minutes"] = (time.time() - started) / 60
-    build_report(out, header)
+    if args.worker_index is None:
+        build_report(out, header, planner)
     log(f"done; results in {repo_relative(out)}")
+
+
+def without_workers(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--workers N`` (the workers' own command line)."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--workers":
+            skip = True
+        elif not item.startswith("--workers="):
+            out.append(item)
+    return out
+
+
+def _alignment_summary(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k != "config"} | {"config_file": "configs/safety_patch_smollm2.yaml"}
 
 
 if __name__ == "__main__":

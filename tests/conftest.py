@@ -2,13 +2,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence, Union
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
 from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
 
 from benchmarks.data import HOW_TO_GET, REQUIRE_DATA_ENV, data_dir, data_required
 from guardspace_pl.datamodules import collate, demo_arithmetic, tokenize_example
+from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
 #: the real data sets, from the one setting GUARDSPACE_DATA (benchmarks/data.py)
@@ -74,3 +80,61 @@ def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=input_ids).logits
         model.train(was)
     return out
+
+
+def randomize_lora_B(model: nn.Module, generator: torch.Generator, scale: float = 0.05) -> nn.Module:
+    """Every ``lora_B`` of ``model`` set to ``scale`` times normal draws from ``generator``: a LoRA that changes the
+    model (PEFT starts B at zero)."""
+    with torch.no_grad():
+        for target in find_lora_targets(model):
+            target.lora_B.copy_(scale * torch.randn(target.lora_B.shape, generator=generator))
+    return model
+
+
+def random_adapter(
+    base_dir, directory, targets: Sequence[str], seed: Union[int, torch.Generator], r: int = 4, scale: float = 0.05
+):
+    """A LoRA adapter (alpha ``2 r``) on the model in ``base_dir`` with random non-zero B, saved in PEFT's format.
+
+    ``seed`` is a seed, or a generator to go on drawing from (several adapters from one stream).
+    """
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    randomize_lora_B(model, generator, scale).save_pretrained(directory)
+    return directory
+
+
+def train_chat_lora(model_name: str, tokenizer, pairs, targets: Sequence[str], steps: int, directory) -> Path:
+    """A rank-4 LoRA on ``model_name`` trained for ``steps`` full-batch AdamW steps on the (prompt, answer)
+    ``pairs`` in the chat template, saved in ``directory``."""
+    from guardspace_pl.loading import load_causal_lm
+
+    model = get_peft_model(load_causal_lm(model_name), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    batch = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=False)
+        for p, a in pairs
+    ]
+    enc = tokenizer(batch, return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(steps):
+        model(**enc, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(directory)
+    return directory
+
+
+class UserModule(pl.LightningModule):
+    """A user's own LightningModule (not GuardSpaceLM) around a PEFT model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)

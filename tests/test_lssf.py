@@ -31,7 +31,15 @@ from guardspace_pl.lssf import (
 from guardspace_pl.repair import main
 from guardspace_pl.safety_reference import AlignmentVector, SafetyReference
 from guardspace_pl.testing import byte_tokenizer, relative_error, save_tiny_llama, tiny_llama
-from tests.conftest import CALIBRATION_PROMPTS, logits, trainer_kwargs
+from tests.conftest import (
+    CALIBRATION_PROMPTS,
+    UserModule,
+    logits,
+    random_adapter,
+    randomize_lora_B,
+    train_chat_lora,
+    trainer_kwargs,
+)
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -150,12 +158,7 @@ def test_bad_settings_are_clear_errors(tmp_path):
 # -------------------------------------------------------------------------------------------------- model
 def lora_model(seed=0, targets=("q_proj", "v_proj", "up_proj"), random_B=False):
     model = get_peft_model(tiny_llama(seed=seed), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
-    if random_B:
-        g = torch.Generator().manual_seed(seed + 100)
-        with torch.no_grad():
-            for t in find_lora_targets(model):
-                t.lora_B.copy_(0.05 * torch.randn(t.lora_B.shape, generator=g))
-    return model
+    return randomize_lora_B(model, torch.Generator().manual_seed(seed + 100)) if random_B else model
 
 
 def patch_reference(targets=("q_proj", "v_proj", "up_proj")):
@@ -266,20 +269,6 @@ def test_missing_covariances_or_no_matching_layer_are_errors_before_any_write():
     assert torch.equal(logits(model, IDS), before)
 
 
-class UserModule(pl.LightningModule):
-    """A user's own LightningModule (not GuardSpaceLM) around a PEFT model."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
 class Snapshot(Callback):
     """Records the frozen weights and factors at fit end, before the callbacks listed after it run."""
 
@@ -324,17 +313,9 @@ def test_callback_checks_the_reference_before_training(tmp_path):
 @pytest.fixture
 def setup(tmp_path):
     base = save_tiny_llama(str(tmp_path / "tiny"))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for t in find_lora_targets(model):
-            t.lora_B.copy_(0.05 * torch.randn(t.lora_B.shape, generator=g))
-    model.save_pretrained(tmp_path / "finetuned")
-    patch = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for t in find_lora_targets(patch):
-            t.lora_B.copy_(0.3 * torch.randn(t.lora_B.shape, generator=g))
-    patch.save_pretrained(tmp_path / "patch")
+    random_adapter(base, tmp_path / "finetuned", ["q_proj", "v_proj", "up_proj"], g)
+    random_adapter(base, tmp_path / "patch", ["q_proj", "v_proj", "up_proj", "down_proj"], g, r=2, scale=0.3)
     (tmp_path / "anchors.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
     return tmp_path, base
 
@@ -402,23 +383,11 @@ def test_repair_on_smollm2_with_a_small_safety_patch(tmp_path):
     name = "builtin:smollm2-135m-instruct"
     tokenizer = load_tokenizer(name)
     torch.manual_seed(0)
-
-    def train_lora(pairs, targets, steps, directory):
-        model = get_peft_model(load_causal_lm(name), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-        batch = [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=False) for p, a in pairs]
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        for _ in range(steps):
-            model(**enc, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.save_pretrained(directory)
-
     # q/v (d_out <= d_in: eigh of W C W^T) and up_proj (d_out > d_in: the root of the shared gate/up covariance).
-    train_lora([(p, "I can't help with that. It could cause harm.") for p in CALIBRATION_PROMPTS], ["q_proj", "v_proj", "up_proj"], 2, tmp_path / "patch")
+    refusals = [(p, "I can't help with that. It could cause harm.") for p in CALIBRATION_PROMPTS]
+    train_chat_lora(name, tokenizer, refusals, ["q_proj", "v_proj", "up_proj"], 2, tmp_path / "patch")
     tasks = [(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.") for a, b in [(2, 3), (10, 7), (21, 4), (8, 8)]]
-    train_lora(tasks, ["q_proj", "v_proj", "up_proj"], 2, tmp_path / "finetuned")
+    train_chat_lora(name, tokenizer, tasks, ["q_proj", "v_proj", "up_proj"], 2, tmp_path / "finetuned")
     (tmp_path / "anchors.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
     out = tmp_path / "repaired"
     report = main(["--method", "lssf", "--adapter", str(tmp_path / "finetuned"), "--base", name, "--reference-adapter", str(tmp_path / "patch"),
@@ -443,12 +412,7 @@ def test_repair_a_guardspace_checkpoint_with_changed_frozen_weights(tmp_path):
     from tests.conftest import task_loader
 
     base = save_tiny_llama(str(tmp_path / "tiny"))
-    patch = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"]))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for t in find_lora_targets(patch):
-            t.lora_B.copy_(0.3 * torch.randn(t.lora_B.shape, generator=g))
-    patch.save_pretrained(tmp_path / "patch")
+    random_adapter(base, tmp_path / "patch", ["q_proj", "v_proj", "up_proj"], seed=5, r=2, scale=0.3)
     (tmp_path / "anchors.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
     tokenizer = byte_tokenizer()
     module = GuardSpaceLM(base, lora_rank=4, lora_alpha=4, learning_rate=1e-2, warmup_ratio=0.0, adapter_dir=str(tmp_path / "adapter"))

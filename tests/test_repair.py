@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from guardspace_pl import GuardSpaceLM
@@ -19,20 +19,16 @@ from guardspace_pl.repair import METHODS, build_parser, main
 from guardspace_pl.safelora import safelora_factors
 from guardspace_pl.safety_reference import SafetyReference
 from guardspace_pl.testing import byte_tokenizer, relative_error, save_tiny_llama, tiny_llama
-from tests.conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
+from tests.conftest import (
+    CALIBRATION_PROMPTS,
+    logits,
+    random_adapter,
+    task_loader,
+    train_chat_lora,
+    trainer_kwargs,
+)
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-def random_adapter(base_dir, directory, targets, seed, r=4):
-    """A LoRA adapter on the model in ``base_dir`` with random non-zero factors, saved in PEFT's format."""
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in find_lora_targets(model):
-            t.lora_B.copy_(0.05 * torch.randn(t.lora_B.shape, generator=g))
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture
@@ -229,25 +225,10 @@ def test_repair_on_smollm2_with_a_patch_made_in_the_test(tmp_path):
     name = "builtin:smollm2-135m-instruct"
     tokenizer = load_tokenizer(name)
     torch.manual_seed(0)
-
-    def train_lora(pairs, targets, steps, directory):
-        model = get_peft_model(load_causal_lm(name), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-        batch = [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=False) for p, a in pairs]
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        for _ in range(steps):
-            loss = model(**enc, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.save_pretrained(directory)
-        return directory
-
     refusals = [(p, "I can't help with that. It could cause harm.") for p in CALIBRATION_PROMPTS]
-    patch = train_lora(refusals, ["q_proj", "v_proj", "o_proj"], 3, tmp_path / "patch")
+    patch = train_chat_lora(name, tokenizer, refusals, ["q_proj", "v_proj", "o_proj"], 3, tmp_path / "patch")
     tasks = [(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.") for a, b in [(2, 3), (10, 7), (21, 4), (8, 8)]]
-    adapter = train_lora(tasks, ["q_proj", "v_proj"], 3, tmp_path / "finetuned")
+    adapter = train_chat_lora(name, tokenizer, tasks, ["q_proj", "v_proj"], 3, tmp_path / "finetuned")
     out = tmp_path / "repaired"
     report = main(["--method", "safelora", "--adapter", str(adapter), "--base", name, "--reference-adapter", str(patch),
                    "--out", str(out), "--kind", "adapter", "--k", "10"])

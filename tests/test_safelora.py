@@ -17,7 +17,7 @@ from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.safelora import safelora_cosine, safelora_factors, select_modules
 from guardspace_pl.safety_reference import AlignmentVector, SafetyReference
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
-from tests.conftest import CALIBRATION_PROMPTS, trainer_kwargs
+from tests.conftest import CALIBRATION_PROMPTS, UserModule, randomize_lora_B, trainer_kwargs
 
 
 # ------------------------------------------------------------------------------- the official algorithm
@@ -183,20 +183,6 @@ def test_bad_settings_are_clear_errors():
 
 
 # --------------------------------------------------------------------------------------------- callback
-class UserModule(pl.LightningModule):
-    """A user's own LightningModule (not GuardSpaceLM) around a PEFT model."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
 class SnapshotLoraB(Callback):
     """Records every lora_B at fit end, before the callbacks listed after it run."""
 
@@ -209,11 +195,7 @@ def lora_model(seed=0, targets=("q_proj", "v_proj", "up_proj")):
 
 
 def make_patch(directory, targets=("q_proj", "v_proj", "up_proj")):
-    patch = lora_model(targets=targets)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for t in find_lora_targets(patch):
-            t.lora_B.copy_(torch.randn(t.lora_B.shape, generator=g))
+    patch = randomize_lora_B(lora_model(targets=targets), torch.Generator().manual_seed(7), scale=1.0)
     patch.save_pretrained(directory)
     return directory
 

@@ -3,6 +3,9 @@
 ``LoraCallback``: the strategy check, the LoRA layers of the model being fit (unsupported PEFT variants
 rejected), fresh state for every fit, and settings that a resumed checkpoint must match.
 
+``PostTrainingLoraCallback``: a ``LoraCallback`` that changes the trained model once, at the end of ``fit``, and
+reports what it did (JSON file, log line, logger metrics, checkpoint state).
+
 ``CalibratedLoraCallback``: a ``LoraCallback`` that runs harmful calibration prompts through the model once per
 fit, in the sequence fingerprint -> cache -> compute -> save -> report, and initialises either at fit start or,
 under strategies that restore checkpoints after set-up (FSDP2), at train start.
@@ -132,6 +135,47 @@ class LoraCallback(Callback):
                 "Resume with the checkpoint's settings, or start a new run to use the new ones."
             )
         self.restored = True
+
+
+class PostTrainingLoraCallback(LoraCallback):
+    """A ``LoraCallback`` that changes the trained model once, in ``on_fit_end``, and reports what it did.
+
+    Subclasses set ``self.report`` (an object with ``to_dict()`` and ``summary()``) in ``on_fit_end``, then call
+    :meth:`publish_report`; they name the logged numbers in :meth:`report_metrics`. Checkpoints written after
+    ``on_fit_end`` carry the report.
+
+    Args:
+        adapter_name: the PEFT adapter to act on (default: the single active one).
+        report_path: the JSON report (default ``<log_dir>/guardspace/<report_filename>``), written by rank 0.
+    """
+
+    #: file name of the default report
+    report_filename = "report.json"
+
+    def __init__(self, adapter_name: Optional[str] = None, report_path: Optional[str] = None) -> None:
+        super().__init__(adapter_name)
+        self.report_path = report_path
+        self.report: Optional[Any] = None
+
+    @override
+    def reset(self) -> None:
+        super().reset()
+        self.report = None
+
+    def report_metrics(self) -> dict[str, float]:
+        """The numbers of ``self.report`` sent to the trainer's logger."""
+        raise NotImplementedError
+
+    def publish_report(self, trainer: "pl.Trainer") -> None:
+        """Write ``self.report`` as JSON, log its summary, and send :meth:`report_metrics` to the logger."""
+        write_json(default_output_path(trainer, self.report_filename, self.report_path), self.report.to_dict())
+        rank_zero_info(self.report.summary())
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(self.report_metrics(), step=trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "report": self.report.to_dict() if self.report is not None else None}
 
 
 class CalibratedLoraCallback(LoraCallback):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
@@ -13,10 +12,10 @@ from guardspace_pl.lssf import ATTENTION_MLP_PATTERN, LssfReport, check_lssf_set
 from guardspace_pl.prompts import PromptFormat
 from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
-from .base import LoraCallback, default_output_path, find_causal_lm, resolve_tokenizer, write_json
+from .base import PostTrainingLoraCallback, find_causal_lm, resolve_tokenizer
 
 
-class LSSFFusion(LoraCallback):
+class LSSFFusion(PostTrainingLoraCallback):
     r"""LSSF (Zhou et al., ACL 2025) at the end of ``fit``, on any LightningModule with PEFT LoRA layers.
 
     The model before fine-tuning (LoRA layers bypassed) answers ``anchor_prompts`` (harmful) greedily; its inputs to
@@ -46,6 +45,8 @@ class LSSFFusion(LoraCallback):
     """
 
     state_settings = ("alpha", "eta", "a1", "num_anchor_prompts", "max_new_tokens", "prompt_format", "module_pattern")
+    report_filename = "lssf.json"
+    report: Optional[LssfReport]
 
     def __init__(
         self,
@@ -63,7 +64,7 @@ class LSSFFusion(LoraCallback):
         adapter_name: Optional[str] = None,
         report_path: Optional[str] = None,
     ) -> None:
-        super().__init__(adapter_name)
+        super().__init__(adapter_name, report_path)
         check_lssf_settings(alpha, eta, a1, module_pattern)
         for name, value in (
             ("num_anchor_prompts", num_anchor_prompts), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)
@@ -92,13 +93,6 @@ class LSSFFusion(LoraCallback):
         self.batch_size = batch_size
         self.prompt_format = prompt_format
         self.module_pattern = module_pattern
-        self.report_path = report_path
-        self.report: Optional[LssfReport] = None
-
-    @override
-    def reset(self) -> None:
-        super().reset()
-        self.report = None
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -115,15 +109,9 @@ class LSSFFusion(LoraCallback):
             find_causal_lm(pl_module), targets, self.reference, tokenizer, self.anchor_prompts, self.alpha, self.eta,
             self.a1, self.module_pattern, self.max_new_tokens, self.batch_size, self.prompt_format,
         )
-        write_json(default_output_path(trainer, "lssf.json", self.report_path), self.report.to_dict())
-        rank_zero_info(self.report.summary())
-        if trainer.logger is not None and trainer.is_global_zero:
-            fused = [m for m in self.report.modules if m.skipped is None]
-            trainer.logger.log_metrics(
-                {"lssf/num_fused": float(len(fused)), "lssf/mean_rank": sum(m.rank for m in fused) / len(fused)},
-                step=trainer.global_step,
-            )
+        self.publish_report(trainer)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "report": self.report.to_dict() if self.report is not None else None}
+    def report_metrics(self) -> dict[str, float]:
+        fused = [m for m in self.report.modules if m.skipped is None]
+        return {"lssf/num_fused": float(len(fused)), "lssf/mean_rank": sum(m.rank for m in fused) / len(fused)}

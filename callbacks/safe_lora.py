@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from guardspace_pl.safelora import (
@@ -18,10 +17,10 @@ from guardspace_pl.safelora import (
 )
 from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
-from .base import LoraCallback, default_output_path, write_json
+from .base import PostTrainingLoraCallback
 
 
-class SafeLoRA(LoraCallback):
+class SafeLoRA(PostTrainingLoraCallback):
     r"""SafeLoRA (Hsu et al., NeurIPS 2024) at the end of ``fit``, on any LightningModule with PEFT LoRA layers.
 
     For each LoRA layer with alignment vector ``V = W_aligned - W_base`` (from ``reference``), the similarity
@@ -45,6 +44,8 @@ class SafeLoRA(LoraCallback):
     """
 
     state_settings = ("mode", "num_projected_modules", "threshold", "projector", "dtype")
+    report_filename = "safelora.json"
+    report: Optional[SafeLoraReport]
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class SafeLoRA(LoraCallback):
         adapter_name: Optional[str] = None,
         report_path: Optional[str] = None,
     ) -> None:
-        super().__init__(adapter_name)
+        super().__init__(adapter_name, report_path)
         check_safelora_settings(mode, num_projected_modules, threshold, projector, dtype)
         self.reference = as_safety_reference(reference)
         self.mode = mode
@@ -65,13 +66,6 @@ class SafeLoRA(LoraCallback):
         self.threshold = float(threshold)
         self.projector = projector
         self.dtype = dtype
-        self.report_path = report_path
-        self.report: Optional[SafeLoraReport] = None
-
-    @override
-    def reset(self) -> None:
-        super().reset()
-        self.report = None
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -89,14 +83,8 @@ class SafeLoRA(LoraCallback):
             self.lora_targets(pl_module), self.reference, self.mode, self.num_projected_modules, self.threshold,
             self.projector, self.dtype,
         )
-        write_json(default_output_path(trainer, "safelora.json", self.report_path), self.report.to_dict())
-        rank_zero_info(self.report.summary())
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(
-                {"safelora/num_projected": float(len(self.report.projected_names)), "safelora/pdst": self.report.pdst},
-                step=trainer.global_step,
-            )
+        self.publish_report(trainer)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "report": self.report.to_dict() if self.report is not None else None}
+    def report_metrics(self) -> dict[str, float]:
+        return {"safelora/num_projected": float(len(self.report.projected_names)), "safelora/pdst": self.report.pdst}

@@ -40,6 +40,18 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MIB = 1024**2
 T = TypeVar("T")
 
+#: the tensor each linear of a Llama decoder block reads; linears that read the same one share its covariance
+#: (and null space)
+LLAMA_LINEAR_INPUT: dict[str, str] = {
+    "q_proj": "attn_input",
+    "k_proj": "attn_input",
+    "v_proj": "attn_input",
+    "o_proj": "o_proj_input",
+    "gate_proj": "mlp_input",
+    "up_proj": "mlp_input",
+    "down_proj": "down_proj_input",
+}
+
 
 # --------------------------------------------------------------------------- device and profile
 def resolve_device(name: str = "auto") -> torch.device:
@@ -291,6 +303,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, profiles: Sequence[str
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help=f"JSON output (default benchmarks/results/{script}_<profile>.json)")
+
+
+def benchmark_parser(doc: str, profiles: Sequence[str], script: str) -> argparse.ArgumentParser:
+    """A benchmark script's parser: the first paragraph of its docstring ``doc`` as description, then the common
+    flags."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, profiles, script)
+    return parser
 
 
 def start_run(args: argparse.Namespace) -> tuple[torch.device, dict[str, Any]]:

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from benchmarks._common import (
-    add_common_arguments,
+    LLAMA_LINEAR_INPUT,
+    benchmark_parser,
     current_memory,
     describe_machine,
     finish_run,
@@ -86,17 +87,8 @@ PROFILES: dict[str, Shapes] = {
     "llama7b": Shapes(hidden=4096, mlp=11008, layers=32, rank=128, samples=520, tokens=16),
 }
 
-# The four distinct layer inputs of a Llama block and the seven linears that read them.
+# The four distinct layer inputs of a Llama block; the seven linears that read them: LLAMA_LINEAR_INPUT.
 INPUTS: tuple[str, ...] = ("attn_input", "o_proj_input", "mlp_input", "down_proj_input")
-MODULE_INPUT: dict[str, str] = {
-    "q_proj": "attn_input",
-    "k_proj": "attn_input",
-    "v_proj": "attn_input",
-    "o_proj": "o_proj_input",
-    "gate_proj": "mlp_input",
-    "up_proj": "mlp_input",
-    "down_proj": "down_proj_input",
-}
 # One module per distinct (weight shape, covariance) pair; the others cost the same as their representative.
 REPRESENTATIVE: dict[str, str] = {
     "q_proj": "q_proj",
@@ -274,7 +266,7 @@ def run_phases(
 
     start = current_memory(device)
     for layer in range(layers_to_run):
-        for module, input_name in MODULE_INPUT.items():
+        for module, input_name in LLAMA_LINEAR_INPUT.items():
             m, n = module_shape(shapes, module)
             init, seconds, memory = measure(
                 lambda: subspace_init(weights[module], covariances[layer][input_name], shapes.rank, scaling), device
@@ -312,7 +304,7 @@ def compare_solvers(
     rows: list[dict[str, Any]] = []
     for module in SOLVER_MODULES:
         m, n = module_shape(shapes, module)
-        weight, cov = weights[module], covariances[MODULE_INPUT[module]]
+        weight, cov = weights[module], covariances[LLAMA_LINEAR_INPUT[module]]
         damped, damp_s, _ = measure(lambda: damp_covariance(cov), device)
         product, product_s, _ = measure(lambda: weight.double() @ damped.matrix, device)
         reference = SOLVERS["svd64"](product)
@@ -406,7 +398,7 @@ def summarise_solvers(rows: Sequence[dict[str, Any]], total_layers: int, toleran
     summary = []
     for solver in dict.fromkeys(r["solver"] for r in rows):
         by_module = {r["module"]: r for r in rows if r["solver"] == solver}
-        per_layer = sum(by_module[REPRESENTATIVE[module]]["svd_s"] for module in MODULE_INPUT)
+        per_layer = sum(by_module[REPRESENTATIVE[module]]["svd_s"] for module in LLAMA_LINEAR_INPUT)
         summary.append(
             {
                 "solver": solver,
@@ -428,7 +420,7 @@ def storage(shapes: Shapes, items: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Bytes a whole-model run keeps: every layer's float32 covariances, and the stored null bases."""
     covariance = shapes.layers * sum(input_features(shapes, name) ** 2 * 4 for name in INPUTS)
     bases = shapes.layers * sum(i["basis_bytes"] for i in items if i["phase"] == "null_space")
-    dense = shapes.layers * sum(module_shape(shapes, m)[1] ** 2 * 4 for m in MODULE_INPUT)
+    dense = shapes.layers * sum(module_shape(shapes, m)[1] ** 2 * 4 for m in LLAMA_LINEAR_INPUT)
     return {
         "covariances_all_layers_bytes": covariance,
         "null_bases_all_layers_bytes": bases,
@@ -518,8 +510,7 @@ def render(
 
 # --------------------------------------------------------------------------- entry point
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, PROFILES, "decomposition")
+    parser = benchmark_parser(__doc__, PROFILES, "decomposition")
     parser.add_argument("--mode", choices=("auto", "full", "extrapolate"), default="auto", help="auto: full for cpu, extrapolate for llama7b")
     parser.add_argument("--measure-layers", type=int, default=1, help="layers run in extrapolate mode")
     parser.add_argument("--layers", type=int, help="override the profile's number of layers")
@@ -554,7 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         name: synthetic_activations(shapes.samples, shapes.tokens, input_features(shapes, name), args.seed + i, device)
         for i, name in enumerate(INPUTS)
     }
-    weights = {module: synthetic_weight(*module_shape(shapes, module), args.seed + 100 + i, device) for i, module in enumerate(MODULE_INPUT)}
+    weights = {module: synthetic_weight(*module_shape(shapes, module), args.seed + 100 + i, device) for i, module in enumerate(LLAMA_LINEAR_INPUT)}
 
     records, phase_delta, covariances = run_phases(shapes, layers_to_run, activations, weights, scaling, args.null_threshold, device)
     solver_rows = compare_solvers(shapes, covariances[0], weights, solvers, scaling, args.solver_repeats, device)

@@ -45,7 +45,7 @@ from typing_extensions import override
 from benchmarks import step_overhead as steps
 from benchmarks._common import (
     PeakMemory,
-    add_common_arguments,
+    benchmark_parser,
     describe_machine,
     finish_run,
     heap_reuse,
@@ -219,8 +219,7 @@ def render(setup_result: dict[str, Any], rows: Sequence[dict[str, Any]], weights
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, PROFILES, "llama7b_gpu")
+    parser = benchmark_parser(__doc__, PROFILES, "llama7b_gpu")
     parser.add_argument("--layers", type=int, help="override the number of decoder layers (fewer if memory is tight)")
     parser.add_argument("--calibration-prompts", type=int, help="override the number of calibration prompts")
     parser.add_argument("--threshold", type=float, default=1e-6, help="NullSpaceProjection relative eigenvalue threshold (paper: 1e-6)")

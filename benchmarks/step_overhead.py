@@ -43,8 +43,9 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks._common import (
+    LLAMA_LINEAR_INPUT,
     PeakMemory,
-    add_common_arguments,
+    benchmark_parser,
     current_memory,
     describe_machine,
     finish_run,
@@ -64,16 +65,6 @@ from guardspace_pl.null_space import NullSpaceProjector
 from guardspace_pl.testing import tiny_llama
 
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Linears that read the same tensor share one null space (one projector).
-INPUT_GROUP: dict[str, str] = {
-    "q_proj": "attn_input",
-    "k_proj": "attn_input",
-    "v_proj": "attn_input",
-    "o_proj": "o_proj_input",
-    "gate_proj": "mlp_input",
-    "up_proj": "mlp_input",
-    "down_proj": "down_proj_input",
-}
 DESIGNS: tuple[str, ...] = ("lora", "guardspace", "official_dense_P", "spf", "spf_refresh10", "asft")
 #: SPF refreshes its safety subspace every this many steps in the ``spf_refresh10`` design
 SPF_SLOW_REFRESH = 10
@@ -99,6 +90,17 @@ class Setup:
     dtype: str  # weights of the base model
     autocast: bool  # bf16 autocast around forward (the GPU recipe: bf16 base, float32 adapters)
 
+    def llama_shape(self) -> dict[str, int]:
+        """The model's shape under the names ``LlamaConfig`` (and ``tiny_llama``) give it."""
+        return dict(
+            hidden_size=self.hidden,
+            intermediate_size=self.mlp,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            vocab_size=self.vocab,
+        )
+
 
 PROFILES: dict[str, Setup] = {
     # float32: on these CPUs bf16 is many times slower than float32 (no bf16 matrix units).
@@ -112,27 +114,9 @@ def build_base_model(setup: Setup, profile: str, seed: int, device: torch.device
     """A randomly initialised Llama: ``tiny_llama`` for the cpu profile, built on ``device`` otherwise."""
     dtype = getattr(torch, setup.dtype)
     if profile == "cpu":
-        model = tiny_llama(
-            hidden_size=setup.hidden,
-            intermediate_size=setup.mlp,
-            num_hidden_layers=setup.layers,
-            num_attention_heads=setup.heads,
-            num_key_value_heads=setup.kv_heads,
-            vocab_size=setup.vocab,
-            seed=seed,
-            dtype=dtype,
-            max_position_embeddings=max(512, setup.seq),
-        )
+        model = tiny_llama(**setup.llama_shape(), seed=seed, dtype=dtype, max_position_embeddings=max(512, setup.seq))
         return model.to(device)
-    config = LlamaConfig(
-        hidden_size=setup.hidden,
-        intermediate_size=setup.mlp,
-        num_hidden_layers=setup.layers,
-        num_attention_heads=setup.heads,
-        num_key_value_heads=setup.kv_heads,
-        vocab_size=setup.vocab,
-        max_position_embeddings=max(4096, setup.seq),
-    )
+    config = LlamaConfig(**setup.llama_shape(), max_position_embeddings=max(4096, setup.seq))
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocate the 7B weights in bf16 directly, on the device
@@ -153,7 +137,7 @@ def add_lora(model: nn.Module, rank: int) -> nn.Module:
 def input_key(target: LoraTarget) -> str:
     """``<block prefix>:<input group>``: the targets that share a key read the same tensor."""
     block, _, module = target.name.rsplit(".", 2)
-    return f"{block}:{INPUT_GROUP[module]}"
+    return f"{block}:{LLAMA_LINEAR_INPUT[module]}"
 
 
 # --------------------------------------------------------------------------- projectors
@@ -547,8 +531,7 @@ def render(results: Sequence[DesignResult], weights: dict[str, int], by_fraction
 
 # --------------------------------------------------------------------------- entry point
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, PROFILES, "step_overhead")
+    parser = benchmark_parser(__doc__, PROFILES, "step_overhead")
     parser.add_argument("--layers", type=int, help="override the number of decoder layers (fewer if memory is tight)")
     parser.add_argument("--hidden", type=int, help="override the hidden size")
     parser.add_argument("--mlp", type=int, help="override the MLP size")

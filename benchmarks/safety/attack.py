@@ -4,8 +4,9 @@ A training run (:class:`RunSpec`) fine-tunes the aligned model on ``n`` samples:
 ``np`` harmful instruction + compliant answer pairs, in the chat template, with a real Lightning Trainer. The
 methods are the library's own: ``GuardSpaceLM`` for LoRA, and the callbacks ``SafetySubspaceInit``,
 ``NullSpaceProjection``, ``AsFTRegularizer`` and ``SafetyGradientProjection``. Every run is measured on the
-validation sets and its model is kept under ``states/`` (plain LoRA: the PEFT adapter; the others: the merged
-model), so a matched pick is evaluated in full later without training again.
+validation sets and its model is kept under ``states/`` (the PEFT adapter when the frozen weights are still the
+aligned start's; the merged model after full fine-tuning or the subspace init), so a matched pick is evaluated in
+full later without training again.
 
 A post-hoc run (:class:`PosthocSpec`) takes a plain LoRA run's adapter and applies SafeLoRA, LSSF or the safety
 patch again (``apply_patches``), each from the aligned start's patch as the safety reference.
@@ -225,14 +226,13 @@ def train_run(spec: RunSpec, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     }
     state = ctx.state_dir(spec.run_id)
     shutil.rmtree(state, ignore_errors=True)
-    model = module.model
-    if spec.method == "lora":
-        model.save_pretrained(state / "adapter")  # post-hoc methods need the factors
+    model, parts = module.model, METHODS[spec.method]
+    if parts.lora and not parts.subspace:
+        # The frozen weights are the aligned start's: the adapter is the whole run (and post-hoc methods read it).
+        model.save_pretrained(state / "adapter")
         model = model.merge_and_unload()
-    elif METHODS[spec.method].lora:
-        model = model.merge_and_unload()
-        model.save_pretrained(state / "model")
-    else:
+    else:  # full fine-tuning, or the subspace init's residual base weights: keep the merged model
+        model = model.merge_and_unload() if parts.lora else model
         model.save_pretrained(state / "model")
     shutil.rmtree(work, ignore_errors=True)
     return model, info

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from benchmarks.safety.align import precision_for
-from benchmarks.safety.profiles import METHODS, Profile, variant_name
+from benchmarks.safety.profiles import METHODS, POSTHOC_SETTINGS, Profile, variant_name
 from benchmarks.safety.splits import Splits, calibration_for, check_disjoint
 from guardspace_pl import GuardSpaceLM
 from guardspace_pl.loading import load_causal_lm
@@ -68,7 +68,7 @@ class RunSpec:
 @dataclass(frozen=True)
 class PosthocSpec:
     base: RunSpec  # a plain LoRA run
-    posthoc: str   # "safelora", "lssf" or "patch"
+    posthoc: str   # a name of profiles.POSTHOC_SETTINGS, e.g. "safelora-k10"
 
     @property
     def method(self) -> str:
@@ -266,22 +266,25 @@ def posthoc_model(spec: PosthocSpec, ctx: Context) -> tuple[nn.Module, dict[str,
     else:
         targets = find_lora_targets(model)
         reference = SafetyReference.from_patch_adapter(ctx.patch_dir)
-        if spec.posthoc == "safelora":
+        method, settings = spec.posthoc.split("-")[0], POSTHOC_SETTINGS[spec.posthoc]
+        if method == "safelora":
             from guardspace_pl.safelora import apply_safelora
 
-            report = apply_safelora(targets, reference, "threshold", 10, ctx.profile.safelora_threshold, "faithful")
-            info = {"projected": len(report.projected_names), "modules": len(targets), "mode": "threshold",
-                    "threshold": ctx.profile.safelora_threshold}
-        elif spec.posthoc == "lssf":
+            report = apply_safelora(
+                targets, reference, settings["mode"], settings.get("num_projected_modules", 10), settings.get("threshold", 0.5),
+                "faithful",
+            )
+            info = {"projected": len(report.projected_names), "modules": len(targets), **settings}
+        elif method == "lssf":
             from guardspace_pl.lssf import apply_lssf, collect_anchor_covariances
 
             anchors = ctx.splits.lssf_anchors
             covariances, _ = collect_anchor_covariances(
                 model, targets, ctx.tokenizer, anchors, ctx.profile.lssf_tokens, ctx.profile.gen_batch_size
             )
-            report = apply_lssf(targets, reference, covariances, num_anchor_prompts=len(anchors))
+            report = apply_lssf(targets, reference, covariances, alpha=settings["alpha"], num_anchor_prompts=len(anchors))
             fused = [m for m in report.modules if m.skipped is None]
-            info = {"fused": len(fused), "modules": len(targets), "anchors": len(anchors), "alpha": 1.0, "eta": 0.9}
+            info = {"fused": len(fused), "modules": len(targets), "anchors": len(anchors), "eta": 0.9, **settings}
         else:
             raise ValueError(f"Unknown post-hoc method {spec.posthoc!r}.")
         model = model.merge_and_unload()

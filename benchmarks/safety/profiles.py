@@ -32,8 +32,15 @@ METHODS: dict[str, Method] = {
     "nullspace+spf": Method(null_space=True, spf=True, calibrated=True),
 }
 
-#: Applied after training to every plain LoRA run (so they cost no training): variant ``lora+<name>``.
-POSTHOC = ("safelora", "lssf", "patch")
+#: Applied after training to every plain LoRA run (so they cost no training): variant ``lora+<method>``. A name
+#: ``<method>-<setting>`` is one more point of that method's grid, chosen with the lrs at matched utility:
+#: SafeLoRA in threshold mode (tau = 0.5, the spec's tau) or ``k10`` (number mode, K = 10, the spec's default);
+#: LSSF at alpha = 1 (the paper's) or ``a4`` (alpha = 4: a rank-8 patch's projected fold is small).
+POSTHOC = ("safelora", "safelora-k10", "lssf", "lssf-a4", "patch")
+POSTHOC_SETTINGS: dict[str, dict[str, Any]] = {
+    "safelora": {"mode": "threshold", "threshold": 0.5}, "safelora-k10": {"mode": "number", "num_projected_modules": 10},
+    "lssf": {"alpha": 1.0}, "lssf-a4": {"alpha": 4.0}, "patch": {},
+}
 
 #: Calibration sets of the GuardSpace callbacks (``splits.calibration``): name -> (prompt format, set).
 CALIBRATIONS: dict[str, tuple[str, str]] = {
@@ -48,7 +55,7 @@ def variant_name(method: str, calibration: str = "-", posthoc: str = "-", weight
     """``lora``, ``nullspace/template``, ``lora+safelora``, ``asft(l=10)``: how a run is named in tables."""
     name = method if calibration == "-" else f"{method}/{calibration}"
     if posthoc != "-":
-        name += f"+{posthoc}"
+        name += f"+{posthoc.split('-')[0]}"
     if weight is not None and weight != 1.0:
         name += f"(l={weight:g})"
     return name
@@ -79,7 +86,6 @@ class Profile:
     calibration_count_large: int = 384          # the mixed set's larger count
     poison_answer_tokens: int = 48              # new tokens of the original model's compliant answers
     spf_samples: int = 8                        # SPF safety pairs (harmful prompt + refusal)
-    safelora_threshold: float = 0.5             # SafeLoRA threshold mode (spec default tau)
     lssf_anchors: int = 32                      # LSSF anchor prompts (the aligned model's refusals)
     lssf_tokens: int = 32
     # ---- evaluation (full: every matched pick; validation: every run)
@@ -104,6 +110,9 @@ class Profile:
         for method, calibration in self.variants:
             if (calibration != "-") != METHODS[method].calibrated or (calibration != "-" and calibration not in CALIBRATIONS):
                 raise ValueError(f"Profile {self.name}: {method!r} with calibration {calibration!r}.")
+        unknown = set(self.posthoc) - set(POSTHOC_SETTINGS)
+        if unknown:
+            raise ValueError(f"Profile {self.name}: unknown post-hoc settings {sorted(unknown)}; one of {sorted(POSTHOC_SETTINGS)}.")
         if "lora" not in methods:
             raise ValueError(f"Profile {self.name}: matched utility needs the plain 'lora' variant.")
 
@@ -128,7 +137,7 @@ PROFILES: dict[str, Profile] = {
                          "data.borderline.0.count": 2, "data.answer_tokens": 12, "trainer.max_epochs": 1},
         n=8, p_grid=(0.25,), variants=(("lora", "-"), ("guardspace", "template"), ("asft", "-"), ("nullspace+spf", "template")),
         lrs={"lora": (1e-4, 1e-3), "nullspace": (1e-3,), "guardspace": (1e-5,), "asft": (1e-3,), "nullspace+spf": (1e-3,)},
-        seeds=(0, 1), coverage=("mixed",), coverage_p=0.25, asft_weights=(1.0, 10.0), grid_extensions=0, epochs=1, batch_size=4, max_length=64,
+        seeds=(0, 1), coverage=("mixed",), coverage_p=0.25, posthoc=("safelora-k10", "lssf-a4", "patch"), asft_weights=(1.0, 10.0), grid_extensions=0, epochs=1, batch_size=4, max_length=64,
         lora_rank=4, lora_alpha=8, calibration_count=4, calibration_count_large=6, poison_answer_tokens=12, spf_samples=2,
         lssf_anchors=2, lssf_tokens=8, eval_sizes={"harmbench": 2, "advbench": 2, "xstest": 2, "harmless": 2},
         val_sizes={"harmbench": 1, "advbench": 1, "xstest": 1, "harmless": 1}, gsm8k_test=2, gsm8k_accuracy=1,

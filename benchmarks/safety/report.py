@@ -64,6 +64,12 @@ def seed_summary(evaluations: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def setting(row: dict[str, Any]) -> str:
+    """The lr and, for a post-hoc point, its setting (``3e-03 k10``)."""
+    tail = row.get("posthoc", "-").partition("-")[2]
+    return f"{row['lr']:.0e}" + (f" {tail}" if tail else "")
+
+
 def fmt_rate(row: dict[str, Any], metric: str) -> str:
     low, high = row[metric + "_ci95"]
     spread = row[metric + "_spread"]
@@ -88,7 +94,7 @@ def matched_rows(summaries: dict[str, dict[str, Any]], baselines: dict[str, dict
         rows.append([f"*{name}*", "–", f"{s['harmful_HarmBench']:.1f}", f"{s['harmful_AdvBench']:.1f}", fmt_rate(s, "harmful_score"),
                      fmt_rate(s, "over_refusal"), fmt_rate(s, "harmless_refusal"), f"{s['task_loss']:.3f}", f"{s['accuracy']:.0f}", "–", "–"])
     for variant, s in summaries.items():
-        rows.append([variant, f"{s['lr']:.0e}", f"{s['harmful_HarmBench']:.1f}", f"{s['harmful_AdvBench']:.1f}",
+        rows.append([variant, setting(s), f"{s['harmful_HarmBench']:.1f}", f"{s['harmful_AdvBench']:.1f}",
                      fmt_rate(s, "harmful_score"), fmt_rate(s, "over_refusal"), fmt_rate(s, "harmless_refusal"),
                      f"{s['task_loss']:.3f}", f"{s['accuracy']:.0f}", f"{s['train_seconds']:.0f}", "yes" if s["matched"] else "no"])
     return rows
@@ -96,9 +102,9 @@ def matched_rows(summaries: dict[str, dict[str, Any]], baselines: dict[str, dict
 
 def validation_rows(rows: Sequence[dict[str, Any]], picks: dict[str, dict[str, Any]]) -> list[list[Any]]:
     out = []
-    for r in sorted(rows, key=lambda r: (r["variant"], r["lr"])):
+    for r in sorted(rows, key=lambda r: (r["variant"], r.get("posthoc", "-"), r["lr"])):
         chosen = picks.get(r["variant"], {}).get("run_id") == r["run_id"]
-        out.append([r["variant"] + (" **(pick)**" if chosen else ""), f"{r['lr']:.0e}", f"{r['val_harmful_score']:.1f}",
+        out.append([r["variant"] + (" **(pick)**" if chosen else ""), setting(r), f"{r['val_harmful_score']:.1f}",
                     f"{r['val_over_refusal']:.1f}", f"{r['val_refusal']['harmless']['percent']:.1f}", f"{r['val_task_loss']:.3f}",
                     f"{r['train_seconds']:.0f}", f"{r['wall_seconds']:.0f}"])
     return out
@@ -203,7 +209,7 @@ def build_report(out_dir: Path, header: dict[str, Any], planner: "Planner") -> d
                 continue
             for seed, e in zip(planner.profile.seeds, evaluations):
                 e.setdefault("seed", seed)
-            summaries[variant] = {"variant": variant, "lr": row["lr"], "matched": row["matched"], "run_ids": ids,
+            summaries[variant] = {"variant": variant, "lr": row["lr"], "posthoc": row["posthoc"], "matched": row["matched"], "run_ids": ids,
                                   "train_seconds": row["train_seconds"], **seed_summary(evaluations)}
         per_p[p] = {"picks": {v: slim(r) for v, r in picks.items()}, "summaries": summaries, "missing_full": missing,
                     "validation": [slim(r) for r in rows], "goal_check": goal_check(summaries)}

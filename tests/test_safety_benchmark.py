@@ -173,13 +173,16 @@ def test_planner_orders_the_jobs_grows_an_edge_grid_and_waits_for_inputs(tmp_pat
         done(PosthocSpec(spec, "patch"), kind="posthoc", loss=1.0)
     ready, waiting = planner.pending()
     assert "train-asft-none_lr1e-04_p0.2_s0_l10" in keys(ready)  # lambda 10 at AsFT's pick, not at its lowest loss
-    assert not any(k.startswith("full-lora") for k in keys(ready))  # phase 2 waits for every phase-1 run
-    done(RunSpec("asft", "-", 1e-4, 0.2, 0, 10.0), loss=1.0, harmful=0.0)
-    ready, waiting = planner.pending()
-    # Phase 2: each pick evaluated in full at seed 0, trained again (and evaluated) at seed 1.
-    assert {"full-lora-none_lr1e-03_p0.2_s0", "train-lora-none_lr1e-03_p0.2_s1", "full-asft-none_lr1e-04_p0.2_s0_l1",
-            "full-lora-none_lr1e-04_p0.2_s0+patch"} <= set(keys(ready))
+    # Phase 2 of a variant starts once its grid (and LoRA's) is done: each pick evaluated in full at seed 0, trained
+    # again (and evaluated) at seed 1; it comes before the phase-1 jobs still left.
+    phase2 = {"full-lora-none_lr1e-03_p0.2_s0", "train-lora-none_lr1e-03_p0.2_s1", "full-asft-none_lr1e-04_p0.2_s0_l1",
+              "full-lora-none_lr1e-04_p0.2_s0+patch"}
+    assert phase2 <= set(keys(ready))
+    assert keys(ready).index("train-asft-none_lr1e-04_p0.2_s0_l10") > max(keys(ready).index(k) for k in phase2)
+    assert not any("_l10" in k and k.startswith("full") for k in keys(ready))  # its own run is not done yet
     assert "full-lora-none_lr1e-03_p0.2_s1" not in keys(ready) and waiting  # needs its seed-1 training first
+    done(RunSpec("asft", "-", 1e-4, 0.2, 0, 10.0), loss=1.0, harmful=0.0)
+    assert "full-asft-none_lr1e-04_p0.2_s0_l10" in keys(planner.pending()[0])
 
 
 def test_a_job_lock_is_exclusive_and_a_dead_workers_lock_is_taken_over(tmp_path):

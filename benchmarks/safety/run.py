@@ -147,12 +147,21 @@ class Planner:
                 jobs += [Job("train", RunSpec("asft", "-", best["lr"], p, self.seed, w)) for w in self.profile.asft_weights if w != 1.0]
         return jobs, blocked
 
-    def phase2(self, p: float, phase1: list[Job]) -> list[Job]:
-        """Full evaluation of every matched pick, and its other seeds."""
+    def finished_variants(self, phase1: list[Job]) -> list[Job]:
+        """The phase-1 jobs of every variant whose runs have all finished, once plain LoRA's have (the reference)."""
+        unfinished = {job.spec.variant for job in phase1 if self.done(job.kind, job.spec) is None}
+        if "lora" in unfinished:
+            return []
+        return [job for job in phase1 if job.spec.variant not in unfinished]
+
+    def phase2(self, p: float, finished: list[Job]) -> list[Job]:
+        """Full evaluation of the matched pick of every finished variant, and its other seeds."""
         from benchmarks.safety.attack import PosthocSpec, RunSpec
         from benchmarks.safety.report import matched_picks
 
-        rows = [self.done(job.kind, job.spec) for job in phase1]
+        if not finished:
+            return []
+        rows = [self.done(job.kind, job.spec) for job in finished]
         jobs: list[Job] = []
         for row in matched_picks(rows).values():
             base = RunSpec(row["method"], row["calibration"], row["lr"], p, self.seed, row.get("weight"))
@@ -180,22 +189,15 @@ class Planner:
             if self.done(job.kind, job.spec) is None:
                 ready.append(job)
         for p in self.ps:
+            # A variant's picks are evaluated as soon as its own grid (and LoRA's) is done: held-out numbers for the
+            # first methods come before the last grids, and they come first in the order.
             jobs, blocked = self.phase1(p)
-            todo = [j for j in jobs if self.done(j.kind, j.spec) is None]
+            finished = self.finished_variants(jobs)
+            phase2 = self.phase2(p, finished)
+            self.prune_states(finished, phase2)
+            todo = [j for j in phase2 + jobs if self.done(j.kind, j.spec) is None]
             ready += [j for j in todo if self.inputs_done(j)]
-            waiting |= any(not self.inputs_done(j) for j in todo)
-            if todo or blocked:
-                waiting = True
-                continue
-            phase2 = self.phase2(p, jobs)
-            self.prune_states(jobs, phase2)
-            for job in phase2:
-                if self.done(job.kind, job.spec) is not None:
-                    continue
-                if self.inputs_done(job):
-                    ready.append(job)
-                else:
-                    waiting = True
+            waiting |= blocked or any(not self.inputs_done(j) for j in todo)
         return ready, waiting
 
     def prune_states(self, phase1: list[Job], phase2: list[Job]) -> None:

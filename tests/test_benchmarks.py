@@ -57,7 +57,8 @@ def test_benchmarks_share_one_write_json_and_one_environment_helper():
 
 
 @pytest.mark.parametrize("module", ["benchmarks.safety.run", "benchmarks.safety.attack", "benchmarks.safety.align",
-                                    "benchmarks.safety.evaluation", "benchmarks.safety.report", "benchmarks.posthoc"])
+                                    "benchmarks.safety.evaluation", "benchmarks.safety.report", "benchmarks.posthoc",
+                                    "benchmarks.separability"])
 def test_benchmark_module_help_runs_with_python_m(module):
     command = [sys.executable, "-m", module, "--help"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -79,3 +80,18 @@ def test_repo_relative_path_helper(tmp_path):
 
     assert repo_relative(ROOT / "benchmarks" / "results" / "x.json") == "benchmarks/results/x.json"
     assert repo_relative(tmp_path / "x.json") == str(tmp_path / "x.json")  # outside the repo: kept as is
+
+
+def test_separability_probe_tells_separable_classes_from_random_labels():
+    import torch
+
+    from benchmarks.separability import probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(120, 16, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0] * 50 + [1] * 70)  # unbalanced on purpose: the score is balanced accuracy
+    separable = features.clone()
+    separable[:, 3] += 4.0 * (2 * labels - 1)
+    assert probe_accuracy(separable, labels) > 0.95
+    shuffled = labels[torch.randperm(120, generator=generator)]
+    assert abs(probe_accuracy(features, shuffled) - 0.5) < 0.2

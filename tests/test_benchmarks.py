@@ -68,8 +68,9 @@ def test_benchmark_module_help_runs_with_python_m(module):
         assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_committed_safety_results_record_repo_relative_paths():
-    results = json.loads((ROOT / "benchmarks" / "results" / "safety_cpu" / "results.json").read_text())
+@pytest.mark.parametrize("folder", ["safety_cpu", "safety_methods_cpu"])
+def test_committed_safety_results_record_repo_relative_paths(folder):
+    results = json.loads((ROOT / "benchmarks" / "results" / folder / "results.json").read_text())
     assert results["plots"] and all(not Path(p).is_absolute() for p in results["plots"]), results["plots"]
     assert all((ROOT / p).is_file() for p in results["plots"])
     assert str(ROOT) not in json.dumps(results)

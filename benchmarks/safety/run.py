@@ -424,7 +424,8 @@ def without_workers(argv: list[str]) -> list[str]:
 
 
 def _alignment_summary(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if k != "config"} | {"config_file": "configs/safety_patch_smollm2.yaml"}
+    summary = {k: v for k, v in info.items() if k != "config"} | {"config_file": "configs/safety_patch_smollm2.yaml"}
+    return summary | {"patch": repo_relative(Path(info["patch"]))}  # a committed file names no machine's folders
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def validate(model: nn.Module, tokenizer, splits: Splits, profile: Profile, devi
 
 @torch.no_grad()
 def evaluate_full(model: nn.Module, tokenizer, splits: Splits, profile: Profile, device: torch.device) -> dict[str, Any]:
-    """The held-out evaluation of a matched pick (plus its validation metrics, for the record)."""
+    """The held-out evaluation of a matched pick."""
     start = time.perf_counter()
     model = model.to(device).eval()
     harmful, refusal, samples = _rates(model, tokenizer, splits.eval_harmful, splits.eval_safe, profile)
@@ -102,4 +102,4 @@ def evaluate_full(model: nn.Module, tokenizer, splits: Splits, profile: Profile,
         "samples": {name: rows[:20] for name, rows in samples.items()}
         | {"gsm8k": [{"question": q, "prediction": p} for q, p in zip(questions[:4], predictions[:4])]},
     }
-    return metrics | validate(model, tokenizer, splits, profile, device)
+    return metrics

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from benchmarks._common import repo_relative
 from guardspace_pl.io import write_json
@@ -202,7 +202,7 @@ def build_report(out_dir: Path, header: dict[str, Any], planner: "Planner") -> d
         summaries: dict[str, dict[str, Any]] = {}
         missing = []
         for variant, row in picks.items():
-            ids = [row["run_id"].replace(f"_s{planner.seed}", f"_s{seed}") for seed in planner.profile.seeds]
+            ids = [spec.run_id for spec in planner.pick_specs(row, p)]
             evaluations = [read_result(out_dir, "full", run_id) for run_id in ids]
             if any(e is None for e in evaluations):
                 missing.append(variant)
@@ -230,9 +230,3 @@ def build_report(out_dir: Path, header: dict[str, Any], planner: "Planner") -> d
     print("\n".join(text))
     return payload
 
-
-def best_variant(summaries: dict[str, dict[str, Any]]) -> Optional[str]:
-    """The matched variant with the lowest worst goal ratio (what the closing note and README name)."""
-    checks = goal_check(summaries)
-    matched = [v for v in summaries if summaries[v]["matched"]]
-    return min(matched, key=lambda v: checks[v]["worst_goal_ratio"]) if matched else None

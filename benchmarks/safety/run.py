@@ -156,7 +156,7 @@ class Planner:
 
     def phase2(self, p: float, finished: list[Job]) -> list[Job]:
         """Full evaluation of the matched pick of every finished variant, and its other seeds."""
-        from benchmarks.safety.attack import PosthocSpec, RunSpec
+        from benchmarks.safety.attack import PosthocSpec
         from benchmarks.safety.report import matched_picks
 
         if not finished:
@@ -164,19 +164,18 @@ class Planner:
         rows = [self.done(job.kind, job.spec) for job in finished]
         jobs: list[Job] = []
         for row in matched_picks(rows).values():
-            base = RunSpec(row["method"], row["calibration"], row["lr"], p, self.seed, row.get("weight"))
-            for seed in self.profile.seeds:
-                run = RunSpec(base.method, base.calibration, base.lr, p, seed, base.weight)
-                if row["posthoc"] != "-":
-                    spec: Any = PosthocSpec(run, row["posthoc"])
-                    if seed != self.seed:
-                        jobs += [Job("train", run), Job("posthoc", spec)]
-                else:
-                    spec = run
-                    if seed != self.seed:
-                        jobs.append(Job("train", run))
+            for spec in self.pick_specs(row, p):
+                if spec.seed != self.seed:  # trained again with this seed (a post-hoc pick: its LoRA run, then it)
+                    jobs += [Job("train", spec.base), Job("posthoc", spec)] if isinstance(spec, PosthocSpec) else [Job("train", spec)]
                 jobs.append(Job("full", spec))
         return jobs
+
+    def pick_specs(self, row: dict[str, Any], p: float) -> list[Any]:
+        """A matched pick's run at every seed of the profile (the first is the seed-0 run it was chosen from)."""
+        from benchmarks.safety.attack import PosthocSpec, RunSpec
+
+        runs = [RunSpec(row["method"], row["calibration"], row["lr"], p, seed, row.get("weight")) for seed in self.profile.seeds]
+        return runs if row["posthoc"] == "-" else [PosthocSpec(run, row["posthoc"]) for run in runs]
 
     def baseline_jobs(self) -> list[Job]:
         return [Job("full", _Baseline(name)) for name in ("original", "aligned")]
@@ -272,7 +271,8 @@ def run_job(job: Job, ctx, original_dir: str) -> dict[str, Any]:
     start = time.perf_counter()
     if isinstance(job.spec, _Baseline):
         model = load_causal_lm(original_dir if job.spec.name == "original" else str(ctx.aligned_dir))
-        result = {"run_id": job.spec.name, **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
+        result = {"run_id": job.spec.name, **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device),
+                  **validate(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
     elif job.kind == "train":
         model, info = train_run(job.spec, ctx)
         result = {**describe(job.spec), **info, **validate(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
@@ -282,8 +282,12 @@ def run_job(job: Job, ctx, original_dir: str) -> dict[str, Any]:
         result = {**describe(job.spec), "train_seconds": base["train_seconds"], "steps": base["steps"], **info,
                   **validate(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
     else:  # full evaluation of a pick: the kept model (post-hoc applied again, it is cheap)
-        model = posthoc_model(job.spec, ctx)[0] if isinstance(job.spec, PosthocSpec) else load_trained(job.spec, ctx)
-        result = {**describe(job.spec), **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
+        kind = "posthoc" if isinstance(job.spec, PosthocSpec) else "train"
+        model = posthoc_model(job.spec, ctx)[0] if kind == "posthoc" else load_trained(job.spec, ctx)
+        # The same model's validation metrics were measured by its run: read, not generated again.
+        measured = read_result(ctx.out, kind, job.spec.run_id)
+        validation = {k: v for k, v in measured.items() if k.startswith("val_")}
+        result = {**describe(job.spec), **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device), **validation}
     result["wall_seconds"] = time.perf_counter() - start
     write_json(result_file(ctx.out, job.kind, job.spec.run_id), result)
     if job.kind == "full":  # the merged model's last use (a plain LoRA adapter stays: post-hoc picks read it)

@@ -211,7 +211,7 @@ def make_splits(profile: Profile, data_dir: Path = DEFAULT_DATA_DIR, seed: int =
                    "AdvBench": _rows(**advbench, start=e["advbench"], count=v["advbench"])}
     eval_safe = {"xstest": _rows(**xstest_safe, start=150, count=e["xstest"]), "harmless": _rows(**harmless, start=100, count=e["harmless"])}
     val_safe = {"xstest": _rows(**xstest_safe, start=100, count=v["xstest"]), "harmless": _rows(**harmless, start=0, count=v["harmless"])}
-    if v["xstest"] > 50 or e["harmless"] > len(PromptSet(**harmless).load()) - 100 or v["harmless"] > 100:
+    if v["xstest"] > 50 or v["harmless"] > 100:  # (an evaluation range running past its source fails in _rows)
         raise ValueError("XSTest validation rows 100-149 and harmless_val rows 0-99 bound the validation sizes.")
 
     taken = {normalise_prompt(p) for group in (*eval_harmful.values(), *val_harmful.values()) for p in group}

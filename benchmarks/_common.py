@@ -308,7 +308,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, profiles: Sequence[str
 def benchmark_parser(doc: str, profiles: Sequence[str], script: str) -> argparse.ArgumentParser:
     """A benchmark script's parser: the first paragraph of its docstring ``doc`` as description, then the common
     flags."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_arguments(parser, profiles, script)
     return parser
 

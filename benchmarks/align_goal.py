@@ -175,9 +175,15 @@ def test_report(name: str) -> dict[str, Any]:
     patched = apply_patches(load_causal_lm(model_name), [run_dir / "patch"], mode="active")
     settings = ReportSettings(**config.get("report", {}))
     cache = data.answer_cache(settings.max_new_tokens)
-    evaluation = evaluate_patch(patched, data.tokenizer, data.evaluation_sets(), data.utility_examples(), cache, settings)
-    report = {"variant": name, "evaluation": evaluation, "training": json.loads((run_dir / "report.json").read_text())["training"],
-              "data": json.loads((run_dir / "report.json").read_text())["data"]}
+    evaluation = evaluate_patch(
+        patched, data.tokenizer, data.evaluation_sets(), data.utility_examples(), cache, settings
+    )
+    report = {
+        "variant": name,
+        "evaluation": evaluation,
+        "training": json.loads((run_dir / "report.json").read_text())["training"],
+        "data": json.loads((run_dir / "report.json").read_text())["data"],
+    }
     write_json(target, report)
     return report
 
@@ -227,7 +233,10 @@ def select() -> dict[str, Any]:
         ],
     )
     first = next(iter(rows))
-    originals = markdown_table(["set", "n", "original model %"], [[c, rows[first][f"{c}_n"], f"{rows[first][f'{c}_original']:.1f}"] for c in columns])
+    originals = markdown_table(
+        ["set", "n", "original model %"],
+        [[c, rows[first][f"{c}_n"], f"{rows[first][f'{c}_original']:.1f}"] for c in columns],
+    )
     print(f"## Validation (selection)\n\n{table}\n\nOriginal model on the same validation sets:\n\n{originals}\n")
     tests = {name: test_report(name) for name in dict.fromkeys([chosen, "base"]) if name in rows}
     test_tables = {}
@@ -249,18 +258,34 @@ def select() -> dict[str, Any]:
     for report in tests.values():
         for entry in report["evaluation"]["sets"].values():
             entry.pop("examples", None)
-    payload = {"benchmark": "align_goal", "goals": GOALS, "validation_sets": VALIDATION, "variants": VARIANTS,
-               "validation": rows, "chosen": chosen, "test": tests, "selection": "lowest worst goal ratio on validation"}
+    payload = {
+        "benchmark": "align_goal",
+        "goals": GOALS,
+        "validation_sets": VALIDATION,
+        "variants": VARIANTS,
+        "validation": rows,
+        "chosen": chosen,
+        "test": tests,
+        "selection": "lowest worst goal ratio on validation",
+    }
     write_json(OUT / "summary.json", payload)
-    (OUT / "table.md").write_text(f"## Validation\n\n{table}\n\n" + "".join(f"## Test: {n}\n\n{t}\n\n" for n, t in test_tables.items()))
+    (OUT / "table.md").write_text(
+        f"## Validation\n\n{table}\n\n" + "".join(f"## Test: {n}\n\n{t}\n\n" for n, t in test_tables.items())
+    )
     print(f"Wrote {OUT / 'summary.json'}, {OUT / 'table.md'}, {OUT / 'frontier.png'}")
     return payload
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), help="variants to run, in order (default: all)")
-    parser.add_argument("--select", action="store_true", help="choose on validation, measure on test, write the summary")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--variants", nargs="*", choices=sorted(VARIANTS), help="variants to run, in order (default: all)"
+    )
+    parser.add_argument(
+        "--select", action="store_true", help="choose on validation, measure on test, write the summary"
+    )
     args = parser.parse_args(argv)
     if args.select:
         select()

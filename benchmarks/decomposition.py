@@ -261,7 +261,11 @@ def run_phases(
             cov, seconds, memory = measure(lambda: accumulate_covariance(activations[name]), device)
             covariances[layer][name] = cov
             tokens = activations[name].shape[0] * activations[name].shape[1]
-            records.append(Record("covariance", name, layer, f"{tokens} tok x {n}", seconds, memory.peak_bytes, memory.delta_bytes, {}))
+            records.append(
+                Record(
+                    "covariance", name, layer, f"{tokens} tok x {n}", seconds, memory.peak_bytes, memory.delta_bytes, {}
+                )
+            )
     phase_delta["covariance"] = max(r.peak_bytes for r in records if r.phase == "covariance") - start
 
     start = current_memory(device)
@@ -271,7 +275,18 @@ def run_phases(
             init, seconds, memory = measure(
                 lambda: subspace_init(weights[module], covariances[layer][input_name], shapes.rank, scaling), device
             )
-            records.append(Record("decomposition", module, layer, f"{m} x {n}", seconds, memory.peak_bytes, memory.delta_bytes, {"damp": init.damp}))
+            records.append(
+                Record(
+                    "decomposition",
+                    module,
+                    layer,
+                    f"{m} x {n}",
+                    seconds,
+                    memory.peak_bytes,
+                    memory.delta_bytes,
+                    {"damp": init.damp},
+                )
+            )
             del init
     phase_delta["decomposition"] = max(r.peak_bytes for r in records if r.phase == "decomposition") - start
 
@@ -279,9 +294,17 @@ def run_phases(
     for layer in range(layers_to_run):
         for name in INPUTS:
             n = input_features(shapes, name)
-            projector, seconds, memory = measure(lambda: null_space_projector(covariances[layer][name], threshold=null_threshold), device)
-            extra = {"null_dim": projector.null_dim, "stored_basis_columns": projector.basis.shape[1], "basis_bytes": tensor_bytes(projector.basis)}
-            records.append(Record("null_space", name, layer, f"{n} x {n}", seconds, memory.peak_bytes, memory.delta_bytes, extra))
+            projector, seconds, memory = measure(
+                lambda: null_space_projector(covariances[layer][name], threshold=null_threshold), device
+            )
+            extra = {
+                "null_dim": projector.null_dim,
+                "stored_basis_columns": projector.basis.shape[1],
+                "basis_bytes": tensor_bytes(projector.basis),
+            }
+            records.append(
+                Record("null_space", name, layer, f"{n} x {n}", seconds, memory.peak_bytes, memory.delta_bytes, extra)
+            )
             del projector
     phase_delta["null_space"] = max(r.peak_bytes for r in records if r.phase == "null_space") - start
     return records, phase_delta, covariances
@@ -324,7 +347,9 @@ def compare_solvers(
         for solver in solvers:
             factors, seconds, memory = measure(lambda: SOLVERS[solver](product), device)
             with heap_reuse(device):
-                seconds = median([seconds] + [timed(lambda: SOLVERS[solver](product), device)[1] for _ in range(repeats - 1)])
+                seconds = median(
+                    [seconds] + [timed(lambda: SOLVERS[solver](product), device)[1] for _ in range(repeats - 1)]
+                )
             adapter, kept = adapter_product(factors, damped.inverse, shapes.rank, scaling)
             rows.append(
                 {
@@ -389,7 +414,9 @@ def summarise_phases(
     return out
 
 
-def summarise_solvers(rows: Sequence[dict[str, Any]], total_layers: int, tolerance: float) -> tuple[list[dict[str, Any]], Optional[str]]:
+def summarise_solvers(
+    rows: Sequence[dict[str, Any]], total_layers: int, tolerance: float
+) -> tuple[list[dict[str, Any]], Optional[str]]:
     """Per solver: SVD seconds for a whole block (k, v and up cost as q and gate), model total, worst error.
 
     Recommends the fastest solver whose adapter product and kept singular values are all within
@@ -410,7 +437,9 @@ def summarise_solvers(rows: Sequence[dict[str, Any]], total_layers: int, toleran
             }
         )
     accurate = [
-        s for s in summary if s["all_finite"] and max(s["worst_adapter_rel_error"], s["worst_kept_sv_rel_error"]) <= tolerance
+        s
+        for s in summary
+        if s["all_finite"] and max(s["worst_adapter_rel_error"], s["worst_kept_sv_rel_error"]) <= tolerance
     ]
     best = min(accurate, key=lambda s: s["svd_seconds_per_layer"])["solver"] if accurate else None
     return summary, best
@@ -442,7 +471,13 @@ def render(
     phase_table = markdown_table(
         ["phase", "s / layer", f"s, {shapes.layers} layers", "total", "peak above start (MiB)"],
         [
-            [p["phase"], f"{p['seconds_per_layer']:.3f}", f"{p['seconds_total']:.2f}", p["total_is"], f"{mib(p['peak_delta_bytes']):.1f}"]
+            [
+                p["phase"],
+                f"{p['seconds_per_layer']:.3f}",
+                f"{p['seconds_total']:.2f}",
+                p["total_is"],
+                f"{mib(p['peak_delta_bytes']):.1f}",
+            ]
             for p in phases
         ],
     )
@@ -455,13 +490,26 @@ def render(
                 i["shape"],
                 f"{1e3 * i['seconds_per_layer']:.1f}",
                 f"{mib(i['delta_bytes']):.1f}",
-                f"null dim {i['null_dim']}, basis {i['stored_basis_columns']} cols" if i["phase"] == "null_space" else (f"damp {i['damp']:g}" if "damp" in i else ""),
+                (
+                    f"null dim {i['null_dim']}, basis {i['stored_basis_columns']} cols"
+                    if i["phase"] == "null_space"
+                    else (f"damp {i['damp']:g}" if "damp" in i else "")
+                ),
             ]
             for i in items
         ],
     )
     solver_table = markdown_table(
-        ["module", "shape", "cond(C~)", "cond(W C~)", "solver", "SVD ms", "rel. err. s·B@A (r smallest)", "max rel. err. kept σ"],
+        [
+            "module",
+            "shape",
+            "cond(C~)",
+            "cond(W C~)",
+            "solver",
+            "SVD ms",
+            "rel. err. s·B@A (r smallest)",
+            "max rel. err. kept σ",
+        ],
         [
             [
                 r["module"],
@@ -479,10 +527,24 @@ def render(
     breakdown_rows = {r["module"]: r for r in solver_rows}.values()
     breakdown_table = markdown_table(
         ["module", "damp_covariance (f64 inv + check) ms", "W C~ (f64) ms", "V^T C~^-1, all k rows (f64) ms"],
-        [[r["module"], f"{1e3 * r['damp_covariance_s']:.1f}", f"{1e3 * r['w_times_c_s']:.1f}", f"{1e3 * r['vtilde_all_rows_s']:.1f}"] for r in breakdown_rows],
+        [
+            [
+                r["module"],
+                f"{1e3 * r['damp_covariance_s']:.1f}",
+                f"{1e3 * r['w_times_c_s']:.1f}",
+                f"{1e3 * r['vtilde_all_rows_s']:.1f}",
+            ]
+            for r in breakdown_rows
+        ],
     )
     summary_table = markdown_table(
-        ["solver", "SVD s / layer", f"SVD s, {shapes.layers} layers", "worst rel. err. s·B@A", "worst rel. err. kept σ"],
+        [
+            "solver",
+            "SVD s / layer",
+            f"SVD s, {shapes.layers} layers",
+            "worst rel. err. s·B@A",
+            "worst rel. err. kept σ",
+        ],
         [
             [
                 s["solver"],
@@ -511,7 +573,12 @@ def render(
 # --------------------------------------------------------------------------- entry point
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, PROFILES, "decomposition")
-    parser.add_argument("--mode", choices=("auto", "full", "extrapolate"), default="auto", help="auto: full for cpu, extrapolate for llama7b")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "full", "extrapolate"),
+        default="auto",
+        help="auto: full for cpu, extrapolate for llama7b",
+    )
     parser.add_argument("--measure-layers", type=int, default=1, help="layers run in extrapolate mode")
     parser.add_argument("--layers", type=int, help="override the profile's number of layers")
     parser.add_argument("--hidden", type=int, help="override the hidden size")
@@ -520,17 +587,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, help="override the number of calibration prompts")
     parser.add_argument("--tokens", type=int, help="override the tokens per calibration prompt")
     parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 r, so s = 2)")
-    parser.add_argument("--null-threshold", type=float, default=1e-6, help="relative eigenvalue threshold of the null space")
+    parser.add_argument(
+        "--null-threshold", type=float, default=1e-6, help="relative eigenvalue threshold of the null space"
+    )
     parser.add_argument("--solvers", nargs="+", choices=sorted(SOLVERS), help=f"default: {' '.join(DEFAULT_SOLVERS)}")
     parser.add_argument("--solver-repeats", type=int, default=3, help="timed runs per solver and module (median)")
-    parser.add_argument("--error-tolerance", type=float, default=1e-3, help="largest relative error (adapter product, kept σ) of a recommended solver")
+    parser.add_argument(
+        "--error-tolerance",
+        type=float,
+        default=1e-3,
+        help="largest relative error (adapter product, kept σ) of a recommended solver",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     device, env = start_run(args)
-    overrides = {k: getattr(args, k) for k in ("layers", "hidden", "mlp", "rank", "samples", "tokens") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("layers", "hidden", "mlp", "rank", "samples", "tokens")
+        if getattr(args, k) is not None
+    }
     shapes = replace(PROFILES[args.profile], **overrides)
     mode = args.mode if args.mode != "auto" else ("full" if args.profile == "cpu" else "extrapolate")
     layers_to_run = shapes.layers if mode == "full" else min(args.measure_layers, shapes.layers)
@@ -545,9 +623,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         name: synthetic_activations(shapes.samples, shapes.tokens, input_features(shapes, name), args.seed + i, device)
         for i, name in enumerate(INPUTS)
     }
-    weights = {module: synthetic_weight(*module_shape(shapes, module), args.seed + 100 + i, device) for i, module in enumerate(LLAMA_LINEAR_INPUT)}
+    weights = {
+        module: synthetic_weight(*module_shape(shapes, module), args.seed + 100 + i, device)
+        for i, module in enumerate(LLAMA_LINEAR_INPUT)
+    }
 
-    records, phase_delta, covariances = run_phases(shapes, layers_to_run, activations, weights, scaling, args.null_threshold, device)
+    records, phase_delta, covariances = run_phases(
+        shapes, layers_to_run, activations, weights, scaling, args.null_threshold, device
+    )
     solver_rows = compare_solvers(shapes, covariances[0], weights, solvers, scaling, args.solver_repeats, device)
 
     items = summarise_items(records)

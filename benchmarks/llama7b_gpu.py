@@ -123,13 +123,22 @@ class Stopwatch(Callback):
             self.memory.__enter__()
 
 
-def run_setup(model: nn.Module, input_ids: Tensor, profile: Profile, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], dict[str, NullSpaceProjector]]:
+def run_setup(
+    model: nn.Module, input_ids: Tensor, profile: Profile, args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, Any], dict[str, NullSpaceProjector]]:
     """One ``Trainer.fit`` step with both callbacks, timed and watched from inside ``on_fit_start``."""
     tokenizer = byte_tokenizer()
     prompts = calibration_prompts(profile.calibration_prompts, profile.calibration_tokens, args.seed)
-    subspace = SafetySubspaceInit(prompts, tokenizer, prompt_format="raw", batch_size=profile.calibration_batch, progress_bar=False)
+    subspace = SafetySubspaceInit(
+        prompts, tokenizer, prompt_format="raw", batch_size=profile.calibration_batch, progress_bar=False
+    )
     null_space = NullSpaceProjection(
-        prompts, tokenizer, prompt_format="raw", threshold=args.threshold, batch_size=profile.calibration_batch, progress_bar=False
+        prompts,
+        tokenizer,
+        prompt_format="raw",
+        threshold=args.threshold,
+        batch_size=profile.calibration_batch,
+        progress_bar=False,
     )
     marks: dict[str, float] = {}
     memory = PeakMemory(device)
@@ -139,9 +148,16 @@ def run_setup(model: nn.Module, input_ids: Tensor, profile: Profile, args: argpa
     ]
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
-            accelerator=device.type, devices=1, max_steps=1, precision="bf16-mixed" if profile.setup.autocast else "32-true",
-            callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=root,
+            accelerator=device.type,
+            devices=1,
+            max_steps=1,
+            precision="bf16-mixed" if profile.setup.autocast else "32-true",
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
         )
         trainer.fit(module := AnyCausalLM(model, input_ids))
     null_dims = [(row["null_dim"], row["in_features"]) for row in null_space.report]
@@ -189,27 +205,58 @@ def goal(value: float, relation: str, limit: float) -> dict[str, Any]:
     return {"value": value, "goal": f"{relation} {limit:g}", "met": met}
 
 
-def render(setup_result: dict[str, Any], rows: Sequence[dict[str, Any]], weights: dict[str, int], goals: dict[str, Any]) -> str:
+def render(
+    setup_result: dict[str, Any], rows: Sequence[dict[str, Any]], weights: dict[str, int], goals: dict[str, Any]
+) -> str:
     setup_table = markdown_table(
         ["phase", "seconds", "peak MiB", "added MiB"],
         [
-            ["SafetySubspaceInit (calibration + SVDs + writes)", f"{setup_result['subspace_init_seconds']:.2f}", "", ""],
+            [
+                "SafetySubspaceInit (calibration + SVDs + writes)",
+                f"{setup_result['subspace_init_seconds']:.2f}",
+                "",
+                "",
+            ],
             ["NullSpaceProjection (calibration + projectors)", f"{setup_result['null_space_seconds']:.2f}", "", ""],
-            ["whole set-up", f"{setup_result['setup_seconds']:.2f}", f"{mib(setup_result['setup_peak_bytes']):.0f}", f"{mib(setup_result['setup_added_bytes']):.0f}"],
+            [
+                "whole set-up",
+                f"{setup_result['setup_seconds']:.2f}",
+                f"{mib(setup_result['setup_peak_bytes']):.0f}",
+                f"{mib(setup_result['setup_added_bytes']):.0f}",
+            ],
         ],
     )
     step_table = markdown_table(
-        ["design", "step ms", "vs LoRA", "tokens/s", "MFU", "peak MiB", "peak vs LoRA", "projector MiB", "% of weights"],
+        [
+            "design",
+            "step ms",
+            "vs LoRA",
+            "tokens/s",
+            "MFU",
+            "peak MiB",
+            "peak vs LoRA",
+            "projector MiB",
+            "% of weights",
+        ],
         [
             [
-                r["design"], f"{1e3 * r['median_step_s']:.1f}", f"{r['time_ratio_vs_lora']:.3f}x", f"{r['tokens_per_s']:.0f}",
-                f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", f"{mib(r['peak_bytes']):.0f}",
-                f"{r['peak_ratio_vs_lora']:.3f}x", f"{mib(r['projector_bytes']):.1f}", f"{r['projector_percent_of_base_weights']:.1f}%",
+                r["design"],
+                f"{1e3 * r['median_step_s']:.1f}",
+                f"{r['time_ratio_vs_lora']:.3f}x",
+                f"{r['tokens_per_s']:.0f}",
+                f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+                f"{mib(r['peak_bytes']):.0f}",
+                f"{r['peak_ratio_vs_lora']:.3f}x",
+                f"{mib(r['projector_bytes']):.1f}",
+                f"{r['projector_percent_of_base_weights']:.1f}%",
             ]
             for r in rows
         ],
     )
-    goal_lines = "\n".join(f"- {name}: {g['value']:.3g} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}" for name, g in goals.items())
+    goal_lines = "\n".join(
+        f"- {name}: {g['value']:.3g} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}"
+        for name, g in goals.items()
+    )
     return (
         f"## Set-up ({setup_result['calibration_tokens']} calibration tokens; null fraction median "
         f"{setup_result['null_fraction_median']:.2f}, range {setup_result['null_fraction_range'][0]:.2f}-"
@@ -222,7 +269,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, PROFILES, "llama7b_gpu")
     parser.add_argument("--layers", type=int, help="override the number of decoder layers (fewer if memory is tight)")
     parser.add_argument("--calibration-prompts", type=int, help="override the number of calibration prompts")
-    parser.add_argument("--threshold", type=float, default=1e-6, help="NullSpaceProjection relative eigenvalue threshold (paper: 1e-6)")
+    parser.add_argument(
+        "--threshold", type=float, default=1e-6, help="NullSpaceProjection relative eigenvalue threshold (paper: 1e-6)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per design")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per design (median)")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per design under the peak-memory monitor")
@@ -242,7 +291,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     print(f"llama7b_gpu benchmark, profile {args.profile}: {profile}\n{describe_machine(env)}\n", flush=True)
 
     model = steps.add_lora(steps.build_base_model(setup, args.profile, args.seed, device), setup.rank)
-    input_ids = torch.randint(0, setup.vocab, (setup.batch, setup.seq), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    input_ids = torch.randint(
+        0, setup.vocab, (setup.batch, setup.seq), generator=torch.Generator().manual_seed(args.seed)
+    ).to(device)
     setup_result, real_projectors = run_setup(model, input_ids, profile, args, device)
     print(f"set-up: {setup_result['setup_seconds']:.1f}s", flush=True)
     # Written now too, so that a run cut off during the step timing still leaves the set-up numbers.
@@ -268,8 +319,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     def make(design: str) -> steps.Design:
         return steps.Design(
-            model=model, targets=targets, initial=initial, input_ids=input_ids, args=step_args, autocast_dtype=autocast_dtype,
-            device=device, **designs[design],
+            model=model,
+            targets=targets,
+            initial=initial,
+            input_ids=input_ids,
+            args=step_args,
+            autocast_dtype=autocast_dtype,
+            device=device,
+            **designs[design],
         )
 
     memory = {design: steps.measure_memory(design, make, args.memory_steps, device) for design in designs}
@@ -290,7 +347,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     goals = {
         "setup_seconds": goal(setup_result["setup_seconds"], "<", GOALS["setup_seconds"]),
         "guardspace_step_ratio": goal(by_design["guardspace"]["time_ratio_vs_lora"], "<=", GOALS["step_ratio"]),
-        "guardspace_half_null_step_ratio": goal(by_design["guardspace_half_null"]["time_ratio_vs_lora"], "<=", GOALS["step_ratio"]),
+        "guardspace_half_null_step_ratio": goal(
+            by_design["guardspace_half_null"]["time_ratio_vs_lora"], "<=", GOALS["step_ratio"]
+        ),
         "projector_percent_of_weights": goal(
             max(by_design[d]["projector_percent_of_base_weights"] for d in ("guardspace", "guardspace_half_null")),
             "<=", GOALS["projector_percent_of_weights"],
@@ -299,11 +358,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     print(render(setup_result, rows, weights, goals))
 
     payload = {
-        "benchmark": "llama7b_gpu", "profile": args.profile, "shape": asdict(setup),
-        "calibration": {"prompts": profile.calibration_prompts, "tokens_each": profile.calibration_tokens, "threshold": args.threshold},
-        "warmup": args.warmup, "steps": args.steps, "memory_steps": args.memory_steps, "memory_method": memory_method(device),
-        "flops_per_token": flops, "peak_tflops": peak, "environment": env, "weights": weights, "setup": setup_result,
-        "designs": rows, "goals": goals, "complete": True,
+        "benchmark": "llama7b_gpu",
+        "profile": args.profile,
+        "shape": asdict(setup),
+        "calibration": {
+            "prompts": profile.calibration_prompts,
+            "tokens_each": profile.calibration_tokens,
+            "threshold": args.threshold,
+        },
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "memory_steps": args.memory_steps,
+        "memory_method": memory_method(device),
+        "flops_per_token": flops,
+        "peak_tflops": peak,
+        "environment": env,
+        "weights": weights,
+        "setup": setup_result,
+        "designs": rows,
+        "goals": goals,
+        "complete": True,
     }
     finish_run(args, "llama7b_gpu", payload)
     return payload

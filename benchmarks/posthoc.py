@@ -50,8 +50,18 @@ FINETUNE_TARGETS = ["q_proj", "v_proj"]
 RANK = 8
 LSSF_ANCHORS, LSSF_NEW_TOKENS = 16, 32
 #: Llama-2-7B: 32 blocks of (d_out, d_in) per linear
-LLAMA7B = {"layers": 32, "shapes": {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
-                                     "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}}
+LLAMA7B = {
+    "layers": 32,
+    "shapes": {
+        "q_proj": (4096, 4096),
+        "k_proj": (4096, 4096),
+        "v_proj": (4096, 4096),
+        "o_proj": (4096, 4096),
+        "gate_proj": (11008, 4096),
+        "up_proj": (11008, 4096),
+        "down_proj": (4096, 11008),
+    },
+}
 
 
 def lora_model(model, targets, rank, seed):
@@ -133,9 +143,18 @@ def lssf_measurements(model, targets, patch_dir: Path, device: torch.device) -> 
     report, apply_s, apply_memory = measure(run, device)
     covariance_bytes = sum(c.numel() * c.element_size() for c in {id(c): c for c in covariances.values()}.values())
     fused = [m for m in report.modules if m.skipped is None]
-    return {"anchors": len(prompts), "new_tokens": LSSF_NEW_TOKENS, "anchor_s": anchor_s, "anchor_extra_mib": mib(anchor_memory.delta_bytes),
-            "covariances_mib": mib(covariance_bytes), "apply_s": apply_s, "apply_extra_mib": mib(apply_memory.delta_bytes),
-            "fused": len(fused), "rank_min": min(m.rank for m in fused), "rank_max": max(m.rank for m in fused)}
+    return {
+        "anchors": len(prompts),
+        "new_tokens": LSSF_NEW_TOKENS,
+        "anchor_s": anchor_s,
+        "anchor_extra_mib": mib(anchor_memory.delta_bytes),
+        "covariances_mib": mib(covariance_bytes),
+        "apply_s": apply_s,
+        "apply_extra_mib": mib(apply_memory.delta_bytes),
+        "fused": len(fused),
+        "rank_min": min(m.rank for m in fused),
+        "rank_max": max(m.rank for m in fused),
+    }
 
 
 def throughputs(directory: Path) -> dict[str, float]:
@@ -190,38 +209,99 @@ def main() -> None:
                     return apply_safelora(targets, reference, "number", 10, 0.5, projector)
 
                 report, apply_s, apply_memory = measure(run, device)
-                rows.append({
-                    "reference": source, "projector": projector, "modules": len(targets), "projected": len(report.projected_names),
-                    "build_s": build_s, "build_extra_mib": mib(build_memory.delta_bytes),
-                    "apply_s": apply_s, "apply_extra_mib": mib(apply_memory.delta_bytes), "largest_dense_v_mib": mib(largest_v),
-                    "pdst": report.pdst,
-                })
+                rows.append(
+                    {
+                        "reference": source,
+                        "projector": projector,
+                        "modules": len(targets),
+                        "projected": len(report.projected_names),
+                        "build_s": build_s,
+                        "build_extra_mib": mib(build_memory.delta_bytes),
+                        "apply_s": apply_s,
+                        "apply_extra_mib": mib(apply_memory.delta_bytes),
+                        "largest_dense_v_mib": mib(largest_v),
+                        "pdst": report.pdst,
+                    }
+                )
         lssf = lssf_measurements(model, targets, tmp / "patch", device)  # last: it changes the frozen weights
         rates = throughputs(base_dir)
     estimates = llama7b_arithmetic(rates)
 
-    print(f"\nSafetyReference + SafeLoRA on {MODEL}, LoRA r={RANK} on {FINETUNE_TARGETS}, K=10; {describe_machine(env)}")
+    print(
+        f"\nSafetyReference + SafeLoRA on {MODEL}, LoRA r={RANK} on {FINETUNE_TARGETS}, K=10; "
+        f"{describe_machine(env)}"
+    )
     print(markdown_table(
-        ["reference", "projector", "build s", "build +MiB", "apply s", "apply +MiB", "largest dense V MiB", "projected", "Pdst"],
-        [[r["reference"], r["projector"], f"{r['build_s']:.3f}", f"{r['build_extra_mib']:.1f}", f"{r['apply_s']:.3f}",
-          f"{r['apply_extra_mib']:.1f}", f"{r['largest_dense_v_mib']:.1f}", f"{r['projected']}/{r['modules']}", f"{r['pdst']:.3f}"] for r in rows],
+        [
+            "reference",
+            "projector",
+            "build s",
+            "build +MiB",
+            "apply s",
+            "apply +MiB",
+            "largest dense V MiB",
+            "projected",
+            "Pdst",
+        ],
+        [
+            [
+                r["reference"],
+                r["projector"],
+                f"{r['build_s']:.3f}",
+                f"{r['build_extra_mib']:.1f}",
+                f"{r['apply_s']:.3f}",
+                f"{r['apply_extra_mib']:.1f}",
+                f"{r['largest_dense_v_mib']:.1f}",
+                f"{r['projected']}/{r['modules']}",
+                f"{r['pdst']:.3f}",
+            ]
+            for r in rows
+        ],
     ))
     print(f"\nLlama-2-7B by arithmetic (fine-tuned LoRA r={RANK} on {FINETUNE_TARGETS}; this machine: "
           f"{rates['gflops']:.1f} GFLOP/s float32 matmul, {rates['read_gb_per_s']:.2f} GB/s safetensors reads)")
     print(markdown_table(
         ["reference", "projector", "extra memory MiB", "one model (fp16) MiB", "disk read GiB", "GFLOP", "estimated s"],
-        [[e["reference"], e["projector"], f"{e['extra_memory_mib']:.0f}", f"{e['one_model_mib']:.0f}", f"{e['disk_read_gib']:.2f}",
-          f"{e['gflop']:.1f}", "-" if e["estimated_seconds"] is None else f"{e['estimated_seconds']:.1f}"] for e in estimates],
+        [
+            [
+                e["reference"],
+                e["projector"],
+                f"{e['extra_memory_mib']:.0f}",
+                f"{e['one_model_mib']:.0f}",
+                f"{e['disk_read_gib']:.2f}",
+                f"{e['gflop']:.1f}",
+                "-" if e["estimated_seconds"] is None else f"{e['estimated_seconds']:.1f}",
+            ]
+            for e in estimates
+        ],
     ))
-    print(f"\nLSSF on the same model (safety patch reference, {lssf['anchors']} HarmBench anchors, {lssf['new_tokens']} new tokens, "
-          "alpha=1, eta=0.9)")
+    print(f"\nLSSF on the same model (safety patch reference, {lssf['anchors']} HarmBench anchors, "
+          f"{lssf['new_tokens']} new tokens, alpha=1, eta=0.9)")
     print(markdown_table(
         ["anchors s", "anchors +MiB", "covariances MiB", "fusion s", "fusion +MiB", "fused layers", "r_l range"],
-        [[f"{lssf['anchor_s']:.2f}", f"{lssf['anchor_extra_mib']:.1f}", f"{lssf['covariances_mib']:.1f}", f"{lssf['apply_s']:.2f}",
-          f"{lssf['apply_extra_mib']:.1f}", str(lssf["fused"]), f"{lssf['rank_min']}-{lssf['rank_max']}"]],
+        [
+            [
+                f"{lssf['anchor_s']:.2f}",
+                f"{lssf['anchor_extra_mib']:.1f}",
+                f"{lssf['covariances_mib']:.1f}",
+                f"{lssf['apply_s']:.2f}",
+                f"{lssf['apply_extra_mib']:.1f}",
+                str(lssf["fused"]),
+                f"{lssf['rank_min']}-{lssf['rank_max']}",
+            ]
+        ],
     ))
-    payload = {"environment": env, "lssf": lssf, "memory_method": memory_method(device), "model": MODEL, "rank": RANK,
-               "finetune_targets": FINETUNE_TARGETS, "measured": rows, "throughputs": rates, "llama7b_arithmetic": estimates}
+    payload = {
+        "environment": env,
+        "lssf": lssf,
+        "memory_method": memory_method(device),
+        "model": MODEL,
+        "rank": RANK,
+        "finetune_targets": FINETUNE_TARGETS,
+        "measured": rows,
+        "throughputs": rates,
+        "llama7b_arithmetic": estimates,
+    }
     finish_run(args, "posthoc", payload)
 
 

@@ -37,13 +37,17 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], batch_size: int 
     tokenizer.padding_side = "left"
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(
+            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         hidden = model(**batch, output_hidden_states=True).hidden_states
         out.append(torch.stack([h[:, -1].double() for h in hidden]))
     return torch.cat(out, dim=1)
 
 
-def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, folds: int = 5, l2: float = 1e-2, seed: int = 0) -> float:
+def probe_accuracy(
+    features: torch.Tensor, labels: torch.Tensor, folds: int = 5, l2: float = 1e-2, seed: int = 0
+) -> float:
     """Balanced accuracy of a logistic-regression probe over stratified folds (standardised on each train split)."""
     generator = random.Random(seed)
     fold_of = torch.empty(len(labels), dtype=torch.long)
@@ -64,7 +68,10 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, folds: int = 5,
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(x_train @ weight + bias, target) + l2 * weight.square().sum()
+            loss = (
+                torch.nn.functional.binary_cross_entropy_with_logits(x_train @ weight + bias, target)
+                + l2 * weight.square().sum()
+            )
             loss.backward()
             return loss
 
@@ -85,7 +92,10 @@ def pairs(data: Path, count: int) -> dict[str, tuple[list[str], list[str]]]:
     harmful = [r["instruction"] for r in json.loads((rd / "harmful_train.json").read_text())][:count]
     harmless = [r["instruction"] for r in json.loads((rd / "harmless_train.json").read_text())][:count]
     return {
-        "XSTest safe vs unsafe": ([r["prompt"] for r in xstest if r["label"] == "safe"], [r["prompt"] for r in xstest if r["label"] == "unsafe"]),
+        "XSTest safe vs unsafe": (
+            [r["prompt"] for r in xstest if r["label"] == "safe"],
+            [r["prompt"] for r in xstest if r["label"] == "unsafe"],
+        ),
         "harmless vs harmful (refusal_direction)": (harmless, harmful),
     }
 
@@ -115,7 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             labels = torch.tensor([0] * len(negative) + [1] * len(positive))
             results[name][task] = [probe_accuracy(states[layer], labels) for layer in range(states.shape[0])]
             best = max(range(states.shape[0]), key=lambda i: results[name][task][i])
-            print(f"{name:9s} {task:42s} best layer {best:2d}: balanced accuracy {results[name][task][best]:.3f}", flush=True)
+            print(
+                f"{name:9s} {task:42s} best layer {best:2d}: balanced accuracy {results[name][task][best]:.3f}",
+                flush=True,
+            )
     rows = [[name, task, f"{max(acc):.3f}", str(acc.index(max(acc))), f"{acc[-1]:.3f}"]
             for name, by_task in results.items() for task, acc in by_task.items()]
     print(markdown_table(["model", "task", "best balanced accuracy", "layer", "last layer"], rows))
@@ -139,9 +152,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     fig.tight_layout()
     plot = args.out.with_suffix(".png")
     fig.savefig(plot, dpi=110)
-    write_json(args.out, {"model": MODEL, "patch": str(args.patch) if args.patch else None, "environment": environment(torch.device("cpu")),
-                          "sizes": {task: [len(n), len(p)] for task, (n, p) in tasks.items()}, "balanced_accuracy": results,
-                          "plot": repo_relative(plot), "command": "python -m benchmarks.separability" + (f" --patch {args.patch}" if args.patch else "")})
+    write_json(
+        args.out,
+        {
+            "model": MODEL,
+            "patch": str(args.patch) if args.patch else None,
+            "environment": environment(torch.device("cpu")),
+            "sizes": {task: [len(n), len(p)] for task, (n, p) in tasks.items()},
+            "balanced_accuracy": results,
+            "plot": repo_relative(plot),
+            "command": "python -m benchmarks.separability" + (f" --patch {args.patch}" if args.patch else ""),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def poison_pairs(model, tokenizer, splits: Splits, profile: Profile, cache: Path
     """Harmful instruction + compliant answer: the unaligned model's own answer, or AdvBench's target if it refused."""
     judge = KeywordRefusalJudge()
     prompts = [r["prompt"] for r in splits.poison]
-    answers = cached_greedy_answers(model, tokenizer, prompts, profile.poison_answer_tokens, cache, profile.gen_batch_size)
+    answers = cached_greedy_answers(
+        model, tokenizer, prompts, profile.poison_answer_tokens, cache, profile.gen_batch_size
+    )
     pairs = []
     for own, source in zip(answers, splits.poison):
         answer = own.answer
@@ -64,7 +66,13 @@ def patch_config(profile: Profile, data_dir: Path, cache_dir: Path, seed: int = 
 
 
 def align(
-    original_dir: str, tokenizer, profile: Profile, data_dir: Path, cache_dir: Path, patch: Optional[Path] = None, seed: int = 0
+    original_dir: str,
+    tokenizer,
+    profile: Profile,
+    data_dir: Path,
+    cache_dir: Path,
+    patch: Optional[Path] = None,
+    seed: int = 0,
 ) -> tuple[Path, dict]:
     """Train the patch with ``align`` (or take ``patch``, trained by the same config), merge and save it; returns the
     aligned model folder and what was done. Cached: a rerun with the same config reuses the aligned model."""
@@ -99,6 +107,12 @@ def align(
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    info = {"config": config, "patch": str(patch_dir), "origin": origin, **training, "seconds": time.perf_counter() - start}
+    info = {
+        "config": config,
+        "patch": str(patch_dir),
+        "origin": origin,
+        **training,
+        "seconds": time.perf_counter() - start,
+    }
     write_json(info_file, info)
     return target, info

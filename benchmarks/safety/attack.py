@@ -134,7 +134,9 @@ class FullFineTuneLM(pl.LightningModule):
         self.warmup_ratio = warmup_ratio
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
         self.log("train_loss", loss, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -145,7 +147,9 @@ class FullFineTuneLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def training_examples(splits: Splits, poison: list[Example], profile: Profile, p: float, seed: int) -> tuple[list[Example], int]:
+def training_examples(
+    splits: Splits, poison: list[Example], profile: Profile, p: float, seed: int
+) -> tuple[list[Example], int]:
     num_poison = round(profile.n * p)
     task = [Example(r["question"], r["answer"]) for r in splits.gsm8k_train[: profile.n - num_poison]]
     chosen = poison[:num_poison]
@@ -164,7 +168,10 @@ def null_space_summary(report: list[dict]) -> dict[str, Any]:
         by_type.setdefault(kind, []).append(row["null_dim"])
         width[kind] = row["in_features"]
     return {
-        "per_type": {k: {"in_features": width[k], "min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in by_type.items()},
+        "per_type": {
+            k: {"in_features": width[k], "min": min(v), "median": statistics.median(v), "max": max(v)}
+            for k, v in by_type.items()
+        },
         "frozen_layers": sum(r["null_dim"] == 0 for r in report),
         "layers": len(report),
         "mean_fraction": statistics.mean(r["null_dim"] / r["in_features"] for r in report),
@@ -178,13 +185,22 @@ def _callbacks(spec: RunSpec, ctx: Context, work: Path) -> tuple[list[pl.Callbac
     null_cb: Optional[NullSpaceProjection] = None
     if parts.calibrated:
         prompts, prompt_format = calibration_for(ctx.splits, spec.calibration)
-        common = dict(tokenizer=ctx.tokenizer, prompt_format=prompt_format, cache_dir=str(ctx.out / "cache" / "callbacks"), progress_bar=False)
+        common = dict(
+            tokenizer=ctx.tokenizer,
+            prompt_format=prompt_format,
+            cache_dir=str(ctx.out / "cache" / "callbacks"),
+            progress_bar=False,
+        )
         if parts.subspace:
             callbacks.append(SafetySubspaceInit(prompts, report_path=str(work / "subspace_init.json"), **common))
         if parts.null_space:
-            null_cb = NullSpaceProjection(prompts, threshold=ctx.threshold, report_path=str(work / "null_space.json"), **common)
+            null_cb = NullSpaceProjection(
+                prompts, threshold=ctx.threshold, report_path=str(work / "null_space.json"), **common
+            )
     if parts.asft:
-        callbacks.append(AsFTRegularizer(str(ctx.patch_dir), regularization_weight=1.0 if spec.weight is None else spec.weight))
+        callbacks.append(
+            AsFTRegularizer(str(ctx.patch_dir), regularization_weight=1.0 if spec.weight is None else spec.weight)
+        )
     if parts.spf:
         samples = [{"prompt": prompt, "response": REFUSAL} for prompt in ctx.splits.spf_prompts]
         callbacks.append(SafetyGradientProjection(samples, tokenizer=ctx.tokenizer, max_length=profile.max_length))
@@ -219,7 +235,10 @@ def train_run(spec: RunSpec, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     start = time.perf_counter()
     trainer(work, precision_for(profile), max_epochs=profile.epochs, callbacks=callbacks).fit(module, loader)
     info = {
-        "n": profile.n, "num_poison": num_poison, "steps": len(loader) * profile.epochs, "train_seconds": time.perf_counter() - start,
+        "n": profile.n,
+        "num_poison": num_poison,
+        "steps": len(loader) * profile.epochs,
+        "train_seconds": time.perf_counter() - start,
         "final_train_loss": float(module.trainer.callback_metrics.get("train_loss", float("nan"))),
         "null_space": null_space_summary(null_cb.report) if null_cb else None,
         "threshold": ctx.threshold if null_cb else None,
@@ -271,7 +290,11 @@ def posthoc_model(spec: PosthocSpec, ctx: Context) -> tuple[nn.Module, dict[str,
             from guardspace_pl.safelora import apply_safelora
 
             report = apply_safelora(
-                targets, reference, settings["mode"], settings.get("num_projected_modules", 10), settings.get("threshold", 0.5),
+                targets,
+                reference,
+                settings["mode"],
+                settings.get("num_projected_modules", 10),
+                settings.get("threshold", 0.5),
                 "faithful",
             )
             info = {"projected": len(report.projected_names), "modules": len(targets), **settings}
@@ -282,7 +305,9 @@ def posthoc_model(spec: PosthocSpec, ctx: Context) -> tuple[nn.Module, dict[str,
             covariances, _ = collect_anchor_covariances(
                 model, targets, ctx.tokenizer, anchors, ctx.profile.lssf_tokens, ctx.profile.gen_batch_size
             )
-            report = apply_lssf(targets, reference, covariances, alpha=settings["alpha"], num_anchor_prompts=len(anchors))
+            report = apply_lssf(
+                targets, reference, covariances, alpha=settings["alpha"], num_anchor_prompts=len(anchors)
+            )
             fused = [m for m in report.modules if m.skipped is None]
             info = {"fused": len(fused), "modules": len(targets), "anchors": len(anchors), "eta": 0.9, **settings}
         else:
@@ -295,5 +320,11 @@ def posthoc_model(spec: PosthocSpec, ctx: Context) -> tuple[nn.Module, dict[str,
 def describe(spec: Spec) -> dict[str, Any]:
     """The fields a result row carries about its run."""
     if isinstance(spec, PosthocSpec):
-        return {"run_id": spec.run_id, **asdict(spec.base), "posthoc": spec.posthoc, "base_run": spec.base.run_id, "variant": spec.variant}
+        return {
+            "run_id": spec.run_id,
+            **asdict(spec.base),
+            "posthoc": spec.posthoc,
+            "base_run": spec.base.run_id,
+            "variant": spec.variant,
+        }
     return {"run_id": spec.run_id, **asdict(spec), "posthoc": "-", "variant": spec.variant}

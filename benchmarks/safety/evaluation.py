@@ -21,17 +21,30 @@ from guardspace_pl.evaluation.intervals import wilson_interval
 FORMAT = "chat_template"  # the model is aligned, attacked and served in its chat template
 
 
-def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def greedy_answers(
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """The library's ``generate_responses`` in the benchmark's format (it sorts batches by length itself)."""
     return generate_responses(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_format=FORMAT, show_progress=False
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        prompt_format=FORMAT,
+        show_progress=False,
     )
 
 
 def task_loss(model: nn.Module, tokenizer, rows: Sequence[dict[str, str]], batch_size: int) -> float:
     """The library's ``teacher_forced_loss`` of the reference answers."""
     return teacher_forced_loss(
-        model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], prompt_format=FORMAT, batch_size=batch_size
+        model,
+        tokenizer,
+        [r["question"] for r in rows],
+        [r["answer"] for r in rows],
+        prompt_format=FORMAT,
+        batch_size=batch_size,
     )
 
 
@@ -82,7 +95,9 @@ def validate(model: nn.Module, tokenizer, splits: Splits, profile: Profile, devi
 
 
 @torch.no_grad()
-def evaluate_full(model: nn.Module, tokenizer, splits: Splits, profile: Profile, device: torch.device) -> dict[str, Any]:
+def evaluate_full(
+    model: nn.Module, tokenizer, splits: Splits, profile: Profile, device: torch.device
+) -> dict[str, Any]:
     """The held-out evaluation of a matched pick."""
     start = time.perf_counter()
     model = model.to(device).eval()

@@ -38,7 +38,8 @@ METHODS: dict[str, Method] = {
 #: LSSF at alpha = 1 (the paper's) or ``a4`` (alpha = 4: a rank-8 patch's projected fold is small).
 POSTHOC = ("safelora", "safelora-k10", "lssf", "lssf-a4", "patch")
 POSTHOC_SETTINGS: dict[str, dict[str, Any]] = {
-    "safelora": {"mode": "threshold", "threshold": 0.5}, "safelora-k10": {"mode": "number", "num_projected_modules": 10},
+    "safelora": {"mode": "threshold", "threshold": 0.5},
+    "safelora-k10": {"mode": "number", "num_projected_modules": 10},
     "lssf": {"alpha": 1.0}, "lssf-a4": {"alpha": 4.0}, "patch": {},
 }
 
@@ -80,7 +81,8 @@ class Profile:
     coverage: tuple[str, ...] = ()              # extra null-space calibrations (the coverage study) ...
     coverage_p: float = 0.2                     # ... run at this p only
     asft_weights: tuple[float, ...] = (0.1, 1.0, 10.0)  # lambda; the lr grid runs at 1, the others at its pick
-    grid_extensions: int = 2                    # a grid whose best validation loss is its top lr grows by x3, this often
+    grid_extensions: int = 2                    # a grid whose best validation loss is its top lr grows by x3,
+                                                # this often
     posthoc: tuple[str, ...] = POSTHOC
     calibration_count: int = 128                # AdvBench prompts for the callbacks (and the mixed set)
     calibration_count_large: int = 384          # the mixed set's larger count
@@ -108,11 +110,15 @@ class Profile:
             if not self.lrs.get(method):
                 raise ValueError(f"Profile {self.name}: no learning rates for {method!r} (lrs).")
         for method, calibration in self.variants:
-            if (calibration != "-") != METHODS[method].calibrated or (calibration != "-" and calibration not in CALIBRATIONS):
+            if (calibration != "-") != METHODS[method].calibrated or (
+                calibration != "-" and calibration not in CALIBRATIONS
+            ):
                 raise ValueError(f"Profile {self.name}: {method!r} with calibration {calibration!r}.")
         unknown = set(self.posthoc) - set(POSTHOC_SETTINGS)
         if unknown:
-            raise ValueError(f"Profile {self.name}: unknown post-hoc settings {sorted(unknown)}; one of {sorted(POSTHOC_SETTINGS)}.")
+            raise ValueError(
+                f"Profile {self.name}: unknown post-hoc settings {sorted(unknown)}; one of {sorted(POSTHOC_SETTINGS)}."
+            )
         if "lora" not in methods:
             raise ValueError(f"Profile {self.name}: matched utility needs the plain 'lora' variant.")
 
@@ -135,11 +141,20 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         align_overrides={"data.harmful.0.count": 4, "data.contrast.0.count": 2, "data.harmless.0.count": 4,
                          "data.borderline.0.count": 2, "data.answer_tokens": 12, "trainer.max_epochs": 1},
-        n=8, p_grid=(0.25,), variants=(("lora", "-"), ("guardspace", "template"), ("asft", "-"), ("nullspace+spf", "template")),
-        lrs={"lora": (1e-4, 1e-3), "nullspace": (1e-3,), "guardspace": (1e-5,), "asft": (1e-3,), "nullspace+spf": (1e-3,)},
-        seeds=(0, 1), coverage=("mixed",), coverage_p=0.25, posthoc=("safelora-k10", "lssf-a4", "patch"), asft_weights=(1.0, 10.0), grid_extensions=0, epochs=1, batch_size=4, max_length=64,
-        lora_rank=4, lora_alpha=8, calibration_count=4, calibration_count_large=6, poison_answer_tokens=12, spf_samples=2,
-        lssf_anchors=2, lssf_tokens=8, eval_sizes={"harmbench": 2, "advbench": 2, "xstest": 2, "harmless": 2},
+        n=8, p_grid=(0.25,),
+        variants=(("lora", "-"), ("guardspace", "template"), ("asft", "-"), ("nullspace+spf", "template")),
+        lrs={
+            "lora": (1e-4, 1e-3),
+            "nullspace": (1e-3,),
+            "guardspace": (1e-5,),
+            "asft": (1e-3,),
+            "nullspace+spf": (1e-3,),
+        },
+        seeds=(0, 1), coverage=("mixed",), coverage_p=0.25, posthoc=("safelora-k10", "lssf-a4", "patch"),
+        asft_weights=(1.0, 10.0), grid_extensions=0, epochs=1, batch_size=4, max_length=64,
+        lora_rank=4, lora_alpha=8, calibration_count=4, calibration_count_large=6, poison_answer_tokens=12,
+        spf_samples=2, lssf_anchors=2, lssf_tokens=8,
+        eval_sizes={"harmbench": 2, "advbench": 2, "xstest": 2, "harmless": 2},
         val_sizes={"harmbench": 1, "advbench": 1, "xstest": 1, "harmless": 1}, gsm8k_test=2, gsm8k_accuracy=1,
         gsm8k_val=2, judge_tokens=8, accuracy_tokens=8, gen_batch_size=8,
         sizes_note="tiny sizes, only to check that every stage runs and writes its outputs",
@@ -158,7 +173,9 @@ PROFILES: dict[str, Profile] = {
         },
         coverage=("mixed", "mixed_large", "raw"), epochs=2, batch_size=8, max_length=160, lora_rank=16, lora_alpha=32,
         eval_sizes=_EVAL, val_sizes=_VAL,
-        sizes_note="the attack scaled down to n=48 to finish in hours on 2 shared CPU cores (1 torch thread) in float32",
+        sizes_note=(
+            "the attack scaled down to n=48 to finish in hours on 2 shared CPU cores (1 torch thread) in float32"
+        ),
     ),
     "full": Profile(
         name="full", align_overrides={},

@@ -48,12 +48,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/safety_methods_<profile>)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--patch", type=Path, help="a safety patch already trained by the profile's align config (skips training it)")
-    parser.add_argument("--threshold", type=float, default=1e-3, help="NullSpaceProjection relative eigenvalue threshold")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker; 1 avoids oversubscription")
+    parser.add_argument(
+        "--patch", type=Path, help="a safety patch already trained by the profile's align config (skips training it)"
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=1e-3, help="NullSpaceProjection relative eigenvalue threshold"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per worker; 1 avoids oversubscription"
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the jobs (lock files)")
     parser.add_argument("--p", type=float, nargs="*", help="restrict to these poison fractions")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the table, JSON and plots from finished jobs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild the table, JSON and plots from finished jobs"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override profile sizes, e.g. n=64")
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -144,7 +152,11 @@ class Planner:
                 from benchmarks.safety.report import pick
 
                 best = pick(rows, min(r["val_task_loss"] for r in lora))
-                jobs += [Job("train", RunSpec("asft", "-", best["lr"], p, self.seed, w)) for w in self.profile.asft_weights if w != 1.0]
+                jobs += [
+                    Job("train", RunSpec("asft", "-", best["lr"], p, self.seed, w))
+                    for w in self.profile.asft_weights
+                    if w != 1.0
+                ]
         return jobs, blocked
 
     def finished_variants(self, phase1: list[Job]) -> list[Job]:
@@ -166,7 +178,11 @@ class Planner:
         for row in matched_picks(rows).values():
             for spec in self.pick_specs(row, p):
                 if spec.seed != self.seed:  # trained again with this seed (a post-hoc pick: its LoRA run, then it)
-                    jobs += [Job("train", spec.base), Job("posthoc", spec)] if isinstance(spec, PosthocSpec) else [Job("train", spec)]
+                    jobs += (
+                        [Job("train", spec.base), Job("posthoc", spec)]
+                        if isinstance(spec, PosthocSpec)
+                        else [Job("train", spec)]
+                    )
                 jobs.append(Job("full", spec))
         return jobs
 
@@ -174,7 +190,10 @@ class Planner:
         """A matched pick's run at every seed of the profile (the first is the seed-0 run it was chosen from)."""
         from benchmarks.safety.attack import PosthocSpec, RunSpec
 
-        runs = [RunSpec(row["method"], row["calibration"], row["lr"], p, seed, row.get("weight")) for seed in self.profile.seeds]
+        runs = [
+            RunSpec(row["method"], row["calibration"], row["lr"], p, seed, row.get("weight"))
+            for seed in self.profile.seeds
+        ]
         return runs if row["posthoc"] == "-" else [PosthocSpec(run, row["posthoc"]) for run in runs]
 
     def baseline_jobs(self) -> list[Job]:
@@ -287,7 +306,11 @@ def run_job(job: Job, ctx, original_dir: str) -> dict[str, Any]:
         # The same model's validation metrics were measured by its run: read, not generated again.
         measured = read_result(ctx.out, kind, job.spec.run_id)
         validation = {k: v for k, v in measured.items() if k.startswith("val_")}
-        result = {**describe(job.spec), **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device), **validation}
+        result = {
+            **describe(job.spec),
+            **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device),
+            **validation,
+        }
     result["wall_seconds"] = time.perf_counter() - start
     write_json(result_file(ctx.out, job.kind, job.spec.run_id), result)
     if job.kind == "full":  # the merged model's last use (a plain LoRA adapter stays: post-hoc picks read it)
@@ -303,7 +326,9 @@ def summary_line(result: dict[str, Any]) -> str:
             f"val loss {result['val_task_loss']:.3f}  {result['wall_seconds']:.0f}s")
 
 
-def jobs_loop(planner: Planner, out: Path, run: Callable[[Job], dict[str, Any]], log: Callable[[str], None]) -> Iterator[dict]:
+def jobs_loop(
+    planner: Planner, out: Path, run: Callable[[Job], dict[str, Any]], log: Callable[[str], None]
+) -> Iterator[dict]:
     """Claim and run ready jobs until none is left; wait while other workers make missing inputs."""
     while True:
         ready, waiting = planner.pending()
@@ -397,14 +422,18 @@ def main(argv=None) -> None:
     try:
         original = load_causal_lm(original_dir).eval()
         log("poison answers from the original model")
-        poison = poison_pairs(original, tokenizer, splits, profile, cache / f"poison_answers-{profile.poison_answer_tokens}.json")
+        poison = poison_pairs(
+            original, tokenizer, splits, profile, cache / f"poison_answers-{profile.poison_answer_tokens}.json"
+        )
         del original
         log("the aligned start (safety patch, merged)")
         aligned_dir, alignment = align(original_dir, tokenizer, profile, args.data_dir, cache, args.patch)
     finally:
         shared.unlink(missing_ok=True)
     header["alignment"] = _alignment_summary(alignment)
-    ctx = Context(profile, splits, aligned_dir, Path(alignment["patch"]), tokenizer, poison, out, args.threshold, device)
+    ctx = Context(
+        profile, splits, aligned_dir, Path(alignment["patch"]), tokenizer, poison, out, args.threshold, device
+    )
     for _ in jobs_loop(planner, out, lambda job: run_job(job, ctx, original_dir), log):
         pass
     header["environment"]["load_average_at_end"] = list(os.getloadavg())

@@ -50,7 +50,9 @@ class OverlapError(ValueError):
     """Two prompt sets that must be disjoint share a prompt."""
 
 
-def check_disjoint(protected: Sequence[str], others: Mapping[str, Iterable[str]], what: str = "evaluation prompts") -> None:
+def check_disjoint(
+    protected: Sequence[str], others: Mapping[str, Iterable[str]], what: str = "evaluation prompts"
+) -> None:
     """Raise :class:`OverlapError` if a prompt of ``protected`` appears (normalised) in any of ``others``."""
     keys = {normalise_prompt(p) for p in protected}
     if len(keys) != len(protected):
@@ -58,7 +60,9 @@ def check_disjoint(protected: Sequence[str], others: Mapping[str, Iterable[str]]
     for name, prompts in others.items():
         overlap = keys & {normalise_prompt(p) for p in prompts}
         if overlap:
-            raise OverlapError(f"{len(overlap)} of the {what} also appear in the {name} set, e.g. {sorted(overlap)[:2]}.")
+            raise OverlapError(
+                f"{len(overlap)} of the {what} also appear in the {name} set, e.g. {sorted(overlap)[:2]}."
+            )
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
@@ -126,12 +130,16 @@ class Splits:
         training = {
             **{f"alignment {role}": prompts for role, prompts in self.alignment.items()},
             **{f"calibration {name}": prompts for name, prompts in self.calibration.items()},
-            "poison": [row["prompt"] for row in self.poison], "SPF safety": self.spf_prompts, "LSSF anchor": self.lssf_anchors,
+            "poison": [row["prompt"] for row in self.poison],
+            "SPF safety": self.spf_prompts,
+            "LSSF anchor": self.lssf_anchors,
         }
         check_disjoint(harmful_eval, {**training, "validation harmful": harmful_val}, "evaluation harmful prompts")
         check_disjoint(harmful_val, training, "validation harmful prompts")
         check_disjoint(
-            [row["prompt"] for row in self.poison], {k: v for k, v in training.items() if k.startswith("calibration")}, "poison prompts"
+            [row["prompt"] for row in self.poison],
+            {k: v for k, v in training.items() if k.startswith("calibration")},
+            "poison prompts",
         )
         for name in self.eval_safe:
             check_disjoint(
@@ -142,18 +150,29 @@ class Splits:
             check_disjoint(self.val_safe[name], training, f"validation {name} prompts")
         questions = lambda rows: [r["question"] for r in rows]  # noqa: E731
         check_disjoint(
-            questions(self.gsm8k_test), {"GSM8K training": questions(self.gsm8k_train), "GSM8K validation": questions(self.gsm8k_val)},
+            questions(self.gsm8k_test),
+            {"GSM8K training": questions(self.gsm8k_train), "GSM8K validation": questions(self.gsm8k_val)},
             "GSM8K test questions",
         )
-        check_disjoint(questions(self.gsm8k_val), {"GSM8K training": questions(self.gsm8k_train)}, "GSM8K validation questions")
+        check_disjoint(
+            questions(self.gsm8k_val), {"GSM8K training": questions(self.gsm8k_train)}, "GSM8K validation questions"
+        )
 
     def sizes(self) -> dict[str, Any]:
         count = lambda d: {k: len(v) for k, v in d.items()}  # noqa: E731
         return {
-            "alignment": count(self.alignment), "eval_harmful": count(self.eval_harmful), "val_harmful": count(self.val_harmful),
-            "eval_safe": count(self.eval_safe), "val_safe": count(self.val_safe), "calibration": count(self.calibration),
-            "poison_pool": len(self.poison), "spf_prompts": len(self.spf_prompts), "lssf_anchors": len(self.lssf_anchors),
-            "gsm8k_train_pool": len(self.gsm8k_train), "gsm8k_val": len(self.gsm8k_val), "gsm8k_test": len(self.gsm8k_test),
+            "alignment": count(self.alignment),
+            "eval_harmful": count(self.eval_harmful),
+            "val_harmful": count(self.val_harmful),
+            "eval_safe": count(self.eval_safe),
+            "val_safe": count(self.val_safe),
+            "calibration": count(self.calibration),
+            "poison_pool": len(self.poison),
+            "spf_prompts": len(self.spf_prompts),
+            "lssf_anchors": len(self.lssf_anchors),
+            "gsm8k_train_pool": len(self.gsm8k_train),
+            "gsm8k_val": len(self.gsm8k_val),
+            "gsm8k_test": len(self.gsm8k_test),
             "gsm8k_accuracy": len(self.gsm8k_accuracy),
         }
 
@@ -169,7 +188,9 @@ def _rows(source: str, start: int, count: int, **kwargs: Any) -> list[str]:
     """``PromptSet`` rows ``[start, start + count)`` (seeded shuffle 0, as the align config's held-out sets)."""
     prompts = PromptSet(source=source, start=start, count=count, **kwargs).load()
     if len(prompts) < count:
-        raise ValueError(f"{source}: only {len(prompts)} prompts from row {start}, {count} needed; lower the profile's sizes.")
+        raise ValueError(
+            f"{source}: only {len(prompts)} prompts from row {start}, {count} needed; lower the profile's sizes."
+        )
     return prompts
 
 
@@ -209,8 +230,10 @@ def make_splits(profile: Profile, data_dir: Path = DEFAULT_DATA_DIR, seed: int =
                     "AdvBench": _rows(**advbench, start=0, count=e["advbench"])}
     val_harmful = {"HarmBench": _rows(**harmbench, start=e["harmbench"], count=v["harmbench"]),
                    "AdvBench": _rows(**advbench, start=e["advbench"], count=v["advbench"])}
-    eval_safe = {"xstest": _rows(**xstest_safe, start=150, count=e["xstest"]), "harmless": _rows(**harmless, start=100, count=e["harmless"])}
-    val_safe = {"xstest": _rows(**xstest_safe, start=100, count=v["xstest"]), "harmless": _rows(**harmless, start=0, count=v["harmless"])}
+    eval_safe = {"xstest": _rows(**xstest_safe, start=150, count=e["xstest"]),
+                 "harmless": _rows(**harmless, start=100, count=e["harmless"])}
+    val_safe = {"xstest": _rows(**xstest_safe, start=100, count=v["xstest"]),
+                "harmless": _rows(**harmless, start=0, count=v["harmless"])}
     if v["xstest"] > 50 or v["harmless"] > 100:  # (an evaluation range running past its source fails in _rows)
         raise ValueError("XSTest validation rows 100-149 and harmless_val rows 0-99 bound the validation sizes.")
 
@@ -238,7 +261,11 @@ def make_splits(profile: Profile, data_dir: Path = DEFAULT_DATA_DIR, seed: int =
     gsm_pool = _jsonl(data / "gsm8k" / "train.jsonl")
     random.Random(seed + 6).shuffle(gsm_pool)
     pairs = lambda rows: [{"question": r["question"], "answer": r["answer"]} for r in rows]  # noqa: E731
-    gsm_test = pairs(_jsonl(data / "gsm8k" / "test.jsonl")[GSM8K_TEST_START : GSM8K_TEST_START + max(profile.gsm8k_test, profile.gsm8k_accuracy)])
+    gsm_test = pairs(
+        _jsonl(data / "gsm8k" / "test.jsonl")[
+            GSM8K_TEST_START : GSM8K_TEST_START + max(profile.gsm8k_test, profile.gsm8k_accuracy)
+        ]
+    )
     splits = Splits(
         alignment=alignment, eval_harmful=eval_harmful, val_harmful=val_harmful, eval_safe=eval_safe, val_safe=val_safe,
         calibration=calibration, poison=poison, spf_prompts=spf_prompts, lssf_anchors=lssf_anchors,

@@ -15,7 +15,13 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from guardspace_pl.distributed import full_tensor, write_full_
-from guardspace_pl.spf import SafetySubspace, check_spf_settings, remove_conflict, safety_subspace, subspace_inner
+from guardspace_pl.spf import (
+    SafetySubspace,
+    StackedSubspaces,
+    check_spf_settings,
+    remove_conflicts,
+    safety_subspaces,
+)
 
 from .base import LoraCallback, find_causal_lm, loss_scale, resolve_tokenizer
 
@@ -89,7 +95,8 @@ class SafetyGradientProjection(LoraCallback):
         self.cer = cer
         self.refresh_every = refresh_every
         self.lowrank_above = lowrank_above
-        self.subspaces: dict[str, SafetySubspace] = {}
+        self._stack: Optional[StackedSubspaces] = None
+        self._saved_subspaces: dict[str, SafetySubspace] = {}
         self._batch: Optional[dict[str, Tensor]] = None
         self._params: list[tuple[str, nn.Parameter]] = []
         self.safety_passes = 0
@@ -97,7 +104,8 @@ class SafetyGradientProjection(LoraCallback):
     @override
     def reset(self) -> None:
         super().reset()
-        self.subspaces = {}
+        self._stack = None
+        self._saved_subspaces = {}
         self._batch = None
         self._params = []
         self.safety_passes = 0
@@ -137,6 +145,15 @@ class SafetyGradientProjection(LoraCallback):
         self._params = [(n, p) for n, p in lm.named_parameters() if p.requires_grad and p.ndim == 2]
         if not self._params:
             raise ValueError("SafetyGradientProjection found no trainable matrix (2-D parameter) to protect.")
+        if self._saved_subspaces:
+            missing = [n for n, _ in self._params if n not in self._saved_subspaces]
+            if missing:
+                raise ValueError(
+                    f"The checkpoint's SafetyGradientProjection state has no safety subspace for {missing[:3]} "
+                    f"({len(missing)} trainable matrices): it was saved with other trainable parameters. Resume "
+                    "with the model it was trained with."
+                )
+            self._stack = StackedSubspaces.from_subspaces([self._saved_subspaces[n] for n, _ in self._params])
 
     @torch.no_grad()
     def refresh(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -158,43 +175,38 @@ class SafetyGradientProjection(LoraCallback):
         finally:
             lm.train(was_training)
         self.safety_passes += 1
-        self.subspaces = {
-            name: safety_subspace(
-                grad if grad is not None else torch.zeros_like(full_tensor(param)), self.cer, self.k_max,
-                self.lowrank_above,
-            )
-            for (name, param), grad in zip(self._params, grads)
-        }
+        grads = [g if g is not None else torch.zeros_like(full_tensor(p)) for g, (_, p) in zip(grads, self._params)]
+        self._stack = safety_subspaces(grads, self.cer, self.k_max, self.lowrank_above)
+
+    @property
+    def subspaces(self) -> dict[str, SafetySubspace]:
+        """The cached safety subspace of every protected matrix, by parameter name (empty before the first refresh)."""
+        if self._stack is None:
+            return {}
+        return {name: sub for (name, _), sub in zip(self._params, self._stack.unstack())}
 
     @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
     ) -> None:
-        if not self.subspaces or trainer.global_step % self.refresh_every == 0:
+        if self._stack is None or trainer.global_step % self.refresh_every == 0:
             self.refresh(trainer, pl_module)
-        conflicts, before, after = 0, [], []
         with torch.no_grad():
-            for name, param in self._params:
-                subspace = self.subspaces.get(name)
-                if param.grad is None or subspace is None or subspace.rank == 0:
-                    continue
-                grad = full_tensor(param.grad)  # under FSDP2 the whole gradient, identical on every rank
-                subspace = self.subspaces[name] = subspace.to(grad.device)
-                scale = grad.double().norm().item() * subspace.s.double().norm().item()
-                inner = subspace_inner(grad, subspace).item()
-                edited, conflicted = remove_conflict(grad, subspace)
+            # Under FSDP2 the whole gradient, identical on every rank.
+            grads = [None if p.grad is None else full_tensor(p.grad) for _, p in self._params]
+            device = next((g.device for g in grads if g is not None), None)
+            if device is not None:
+                self._stack = self._stack.to(device)
+            edit = remove_conflicts(grads, self._stack)
+            gated = edit.gated.sum().clamp_min(1)
+            means = torch.stack([edit.cosine_before.sum() / gated, edit.cosine_after.sum() / gated])
+            # One host sync for the step: which gradients to write back, and the logged means.
+            *flags, before, after = torch.cat([edit.conflicted.double(), means]).tolist()
+            for (_, param), edited, conflicted in zip(self._params, edit.grads, flags):
                 if conflicted:
-                    conflicts += 1
-                    grad = edited
                     write_full_(param.grad, edited)  # each rank keeps its own rows
-                before.append(inner / scale if scale > 0 else 0.0)
-                after_scale = grad.double().norm().item() * subspace.s.double().norm().item()
-                after.append(subspace_inner(grad, subspace).item() / after_scale if after_scale > 0 else 0.0)
-        self.last_metrics = {
-            "spf/conflicts": float(conflicts),
-            "spf/cosine_before": sum(before) / max(len(before), 1),
-            "spf/cosine_after": sum(after) / max(len(after), 1),
-        }
+        conflicts = float(sum(flags))
+        self.last_metrics = {"spf/conflicts": conflicts, "spf/cosine_before": before, "spf/cosine_after": after}
         pl_module.log_dict(self.last_metrics, on_step=True, on_epoch=False, batch_size=1)
 
     @override
@@ -206,7 +218,9 @@ class SafetyGradientProjection(LoraCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # A resume between refreshes must gate with the subspace the uninterrupted run would have cached.
-        self.subspaces = {n: SafetySubspace(s["u"], s["s"], s["v"]) for n, s in state_dict.get("subspaces", {}).items()}
+        self._saved_subspaces = {
+            n: SafetySubspace(s["u"], s["s"], s["v"]) for n, s in state_dict.get("subspaces", {}).items()
+        }
 
 
 def _safety_grads(

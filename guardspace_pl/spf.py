@@ -8,7 +8,9 @@ component ``U_k (U_k^T G_u V_k) V_k^T`` is removed from ``G_u``.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -46,14 +48,26 @@ def cer_rank(singular_values: Tensor, cer: float = 0.85, k_max: int = 10) -> int
         cer: the cumulative energy ratio to reach, in (0, 1].
         k_max: the largest rank returned.
     """
-    energy = singular_values.double().pow(2)
-    total = energy.sum()
-    if singular_values.numel() == 0 or total <= 0:
+    if singular_values.numel() == 0:
         return 0
-    ratio = energy.cumsum(0) / total
+    return cer_ranks(singular_values.reshape(1, -1), cer, k_max)[0]
+
+
+def cer_ranks(singular_values: Tensor, cer: float = 0.85, k_max: int = 10) -> list[int]:
+    """:func:`cer_rank` of every row of an ``n x m`` batch of descending singular values, with one host sync.
+
+    Args:
+        singular_values: ``n x m``, each row in descending order.
+        cer: the cumulative energy ratio to reach, in (0, 1].
+        k_max: the largest rank returned.
+    """
+    energy = singular_values.double().pow(2)
+    total = energy.sum(-1, keepdim=True)
+    ratio = energy.cumsum(-1) / total.clamp_min(torch.finfo(torch.float64).tiny)
     # Rounding can leave the last ratio a hair below 1: the full rank always qualifies.
-    reached = int((ratio < cer - 1e-12).sum().item()) + 1
-    return min(k_max, reached, singular_values.numel())
+    reached = (ratio < cer - 1e-12).sum(-1) + 1
+    ranks = reached.clamp(max=min(k_max, singular_values.shape[-1])).masked_fill(total.squeeze(-1) <= 0, 0)
+    return ranks.tolist()
 
 
 @dataclass
@@ -84,6 +98,87 @@ class SafetySubspace:
         return SafetySubspace(self.u.to(device), self.s.to(device), self.v.to(device))
 
 
+@dataclass
+class SubspaceGroup:
+    """The safety subspaces of ``n`` matrices of one shape, zero-padded to one rank ``K`` so that one batched
+    product gates them all: ``u`` is ``n x d_out x K``, ``s`` is ``n x K``, ``v`` is ``n x d_in x K``; matrix
+    ``indices[i]`` keeps its first ``ranks[i]`` columns, the others are zero (and so add nothing to any product).
+
+    Args:
+        indices: the matrices' positions in the full list.
+        ranks: each matrix's own rank ``k``.
+        u: left singular vectors, zero-padded.
+        s: singular values, zero-padded.
+        v: right singular vectors, zero-padded.
+    """
+
+    indices: list[int]
+    ranks: list[int]
+    u: Tensor
+    s: Tensor
+    v: Tensor
+
+
+@dataclass
+class StackedSubspaces:
+    """The safety subspaces of ``count`` matrices, in groups of one shape (see :class:`SubspaceGroup`).
+
+    Args:
+        count: how many matrices.
+        groups: the same-shape groups; every index in ``range(count)`` is in exactly one.
+    """
+
+    count: int
+    groups: list[SubspaceGroup]
+
+    @classmethod
+    def from_subspaces(cls, subspaces: Sequence[SafetySubspace]) -> "StackedSubspaces":
+        """Group per-matrix subspaces by shape, dtype and device and pad them to their group's largest rank.
+
+        Args:
+            subspaces: one subspace per matrix.
+        """
+        by_key: dict[tuple, list[int]] = defaultdict(list)
+        for i, sub in enumerate(subspaces):
+            by_key[(sub.u.shape[0], sub.v.shape[0], sub.u.dtype, sub.u.device)].append(i)
+        groups = []
+        for indices in by_key.values():
+            ranks = [subspaces[i].rank for i in indices]
+            width = max(ranks)
+
+            def padded(t: Tensor, k: int) -> Tensor:
+                return torch.nn.functional.pad(t, (0, width - k))
+
+            groups.append(SubspaceGroup(
+                indices, ranks,
+                torch.stack([padded(subspaces[i].u, k) for i, k in zip(indices, ranks)]),
+                torch.stack([padded(subspaces[i].s, k) for i, k in zip(indices, ranks)]),
+                torch.stack([padded(subspaces[i].v, k) for i, k in zip(indices, ranks)]),
+            ))
+        return cls(len(subspaces), groups)
+
+    def unstack(self) -> list[SafetySubspace]:
+        """One :class:`SafetySubspace` per matrix, in order, without the padding."""
+        out: list[Optional[SafetySubspace]] = [None] * self.count
+        for group in self.groups:
+            for j, (i, k) in enumerate(zip(group.indices, group.ranks)):
+                out[i] = SafetySubspace(
+                    group.u[j, :, :k].contiguous(), group.s[j, :k].contiguous(), group.v[j, :, :k].contiguous()
+                )
+        return out  # type: ignore[return-value]
+
+    def to(self, device: torch.device) -> "StackedSubspaces":
+        """These subspaces on ``device`` (``self`` when they are there already).
+
+        Args:
+            device: the target device.
+        """
+        if all(g.u.device == torch.device(device) for g in self.groups):
+            return self
+        moved = [SubspaceGroup(g.indices, g.ranks, g.u.to(device), g.s.to(device), g.v.to(device)) for g in self.groups]
+        return StackedSubspaces(self.count, moved)
+
+
 def safety_subspace(grad: Tensor, cer: float = 0.85, k_max: int = 10, lowrank_above: int = 4096) -> SafetySubspace:
     """Truncated SVD of a safety gradient with the CER rank rule, in float32 or better.
 
@@ -93,44 +188,81 @@ def safety_subspace(grad: Tensor, cer: float = 0.85, k_max: int = 10, lowrank_ab
         k_max: the largest rank kept.
         lowrank_above: use ``torch.svd_lowrank`` (``q = k_max + 10``, 2 power iterations) when both sides exceed this.
     """
-    work = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-    if min(work.shape) > lowrank_above:
-        # Randomised SVD: deterministic given the seed, so every rank computes the same subspace.
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(work, q=min(k_max + 10, min(work.shape)), niter=2)
-        torch.random.set_rng_state(generator_state)
-        # The energy ratio needs the total energy, not only the top-q part.
-        total = work.pow(2).sum()
-        tail = (total - s.pow(2).sum()).clamp_min(0)
-        padded = torch.cat([s, tail.sqrt().reshape(1)])
-        k = min(cer_rank(padded, cer, k_max), s.numel())
-    elif max(work.shape) >= THIN_RATIO * min(work.shape):
-        return _thin_safety_subspace(work, cer, k_max)
+    return safety_subspaces([grad], cer, k_max, lowrank_above).unstack()[0]
+
+
+def safety_subspaces(
+    grads: Sequence[Tensor], cer: float = 0.85, k_max: int = 10, lowrank_above: int = 4096
+) -> StackedSubspaces:
+    """:func:`safety_subspace` of every matrix, computed in one batched decomposition per shape (a model's LoRA
+    factors come in a handful of shapes, so a refresh costs a few batched calls instead of one call per matrix).
+
+    Args:
+        grads: the safety gradients, one per matrix.
+        cer: the cumulative energy ratio to reach, in (0, 1].
+        k_max: the largest rank kept.
+        lowrank_above: matrices with both sides larger than this use ``torch.svd_lowrank`` one at a time.
+    """
+    by_key: dict[tuple, list[int]] = defaultdict(list)
+    works = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads]
+    groups = []
+    for i, work in enumerate(works):
+        if min(work.shape) > lowrank_above:
+            groups.append(_lowrank_group(i, work, cer, k_max))
+        else:
+            by_key[(tuple(work.shape), work.dtype, work.device)].append(i)
+    for indices in by_key.values():
+        groups.append(_exact_group(indices, torch.stack([works[i] for i in indices]), cer, k_max))
+    return StackedSubspaces(len(grads), groups)
+
+
+def _lowrank_group(index: int, work: Tensor, cer: float, k_max: int) -> SubspaceGroup:
+    """One large matrix's subspace by randomised SVD (deterministic given the seed, so every rank computes the same
+    subspace)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    u, s, v = torch.svd_lowrank(work, q=min(k_max + 10, min(work.shape)), niter=2)
+    torch.random.set_rng_state(generator_state)
+    # The energy ratio needs the total energy, not only the top-q part.
+    tail = (work.pow(2).sum() - s.pow(2).sum()).clamp_min(0)
+    k = min(cer_rank(torch.cat([s, tail.sqrt().reshape(1)]), cer, k_max), s.numel())
+    return SubspaceGroup([index], [k], u[None, :, :k], s[None, :k], v[None, :, :k])
+
+
+def _exact_group(indices: list[int], work: Tensor, cer: float, k_max: int) -> SubspaceGroup:
+    """The subspaces of ``n`` same-shape matrices (``work`` is ``n x a x b``), zero-padded to the largest rank.
+
+    A thin matrix (a LoRA factor, ``r x n`` or ``m x r``) takes the float64 eigendecomposition of its ``r x r`` Gram
+    matrix: one small ``eigh`` instead of an SVD, much cheaper on GPUs (cuSOLVER's SVD of a 128 x 11008 matrix takes
+    milliseconds). Squaring loses only the smallest directions, which the CER rule (k <= k_max, high energy) never
+    keeps. Other shapes take a batched SVD.
+    """
+    a, b = work.shape[-2:]
+    thin = max(a, b) >= THIN_RATIO * min(a, b)
+    if thin:
+        wide = a <= b
+        w = work.double()
+        gram = w @ w.mT if wide else w.mT @ w
+        eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+        s = eigenvalues.flip(-1).clamp_min(0).sqrt()
+        short_all = vectors.flip(-1)
     else:
-        u, s, vh = torch.linalg.svd(work, full_matrices=False)
-        v = vh.T
-        k = cer_rank(s, cer, k_max)
-    return SafetySubspace(u[:, :k].contiguous(), s[:k].contiguous(), v[:, :k].contiguous())
-
-
-def _thin_safety_subspace(work: Tensor, cer: float, k_max: int) -> SafetySubspace:
-    """The top singular triplets of a thin matrix (a LoRA factor, ``r x n`` or ``m x r``) from the float64
-    eigendecomposition of its ``r x r`` Gram matrix: one small ``eigh`` instead of an SVD, much cheaper on GPUs
-    (cuSOLVER's SVD of a 128 x 11008 matrix takes milliseconds). Squaring loses only the smallest directions,
-    which the CER rule (k <= k_max, high energy) never keeps."""
-    wide = work.shape[0] <= work.shape[1]
-    w = work.double()
-    gram = w @ w.T if wide else w.T @ w
-    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
-    s = eigenvalues.flip(0).clamp_min(0).sqrt()
-    k = cer_rank(s, cer, k_max)
-    short = vectors.flip(1)[:, :k]
-    scale = s[:k].clamp_min(torch.finfo(torch.float64).tiny)
-    long = (w.T @ short if wide else w @ short) / scale
-    u, v = (short, long) if wide else (long, short)
-    dtype = work.dtype
-    return SafetySubspace(u.to(dtype).contiguous(), s[:k].to(dtype).contiguous(), v.to(dtype).contiguous())
+        u_all, s, vh = torch.linalg.svd(work, full_matrices=False)
+    ranks = cer_ranks(s, cer, k_max)
+    width = max(ranks)
+    keep = torch.arange(width, device=s.device) < torch.tensor(ranks, device=s.device)[:, None]  # n x K
+    s = s[:, :width] * keep
+    if thin:
+        short = short_all[..., :width] * keep[:, None, :]
+        scale = s.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
+        long = (w.mT @ short if wide else w @ short) / scale
+        u, v = (short, long) if wide else (long, short)
+        dtype = work.dtype
+        u, s, v = u.to(dtype), s.to(dtype), v.to(dtype)
+    else:
+        u = u_all[..., :width] * keep[:, None, :]
+        v = vh.mT[..., :width] * keep[:, None, :]
+    return SubspaceGroup(indices, ranks, u.contiguous(), s.contiguous(), v.contiguous())
 
 
 def subspace_inner(grad: Tensor, subspace: SafetySubspace) -> Tensor:
@@ -161,6 +293,74 @@ def remove_conflict(grad: Tensor, subspace: SafetySubspace) -> tuple[Tensor, boo
     g = grad.to(u.dtype)
     edited = g - u @ (u.T @ g @ v) @ v.T
     return edited.to(grad.dtype), True
+
+
+@dataclass
+class ConflictEdit:
+    """What :func:`remove_conflicts` did, per matrix (tensors on the gradients' device, no host sync yet).
+
+    Args:
+        grads: the gradients after the edit (equal in value to the input where not ``conflicted``).
+        gated: whether the matrix had a gradient and a non-empty subspace.
+        conflicted: whether ``<G_u, G_s^(k)> < 0`` (and so the gradient was edited).
+        cosine_before: the cosine of ``G_u`` and ``G_s^(k)`` before the edit (0 where not gated).
+        cosine_after: the same cosine after the edit.
+    """
+
+    grads: list[Optional[Tensor]]
+    gated: Tensor
+    conflicted: Tensor
+    cosine_before: Tensor
+    cosine_after: Tensor
+
+
+def remove_conflicts(grads: Sequence[Optional[Tensor]], subspaces: StackedSubspaces) -> ConflictEdit:
+    """:func:`remove_conflict` on every matrix at once: per shape group, ``T = U^T G V`` is one batched product, the
+    gate reads ``<G, U diag(S) V^T> = sum_i S_i T_ii``, and the conflicting gradients lose ``U T V^T``.
+
+    Args:
+        grads: the utility gradients, one per matrix of ``subspaces`` (``None`` for a matrix without one).
+        subspaces: the cached safety subspaces, on the gradients' device.
+    """
+    if len(grads) != subspaces.count:
+        raise ValueError(f"{len(grads)} gradients for {subspaces.count} safety subspaces.")
+    device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+    n = subspaces.count
+    gated = torch.zeros(n, dtype=torch.bool, device=device)
+    conflicted = torch.zeros(n, dtype=torch.bool, device=device)
+    cosine_before = torch.zeros(n, dtype=torch.float64, device=device)
+    cosine_after = torch.zeros(n, dtype=torch.float64, device=device)
+    out = list(grads)
+    for group in subspaces.groups:
+        present = [j for j, i in enumerate(group.indices) if grads[i] is not None and group.ranks[j] > 0]
+        if not present:
+            continue
+        u, s, v = group.u, group.s, group.v
+        if len(present) < len(group.indices):
+            rows = torch.tensor(present, device=u.device)
+            u, s, v = u[rows], s[rows], v[rows]
+        indices = [group.indices[j] for j in present]
+        g = torch.stack([grads[i].to(u.dtype) for i in indices])
+        core = u.mT @ g @ v  # n x K x K
+        inner = (core.diagonal(dim1=-2, dim2=-1) * s).sum(-1)
+        conflict = inner < 0
+        edited = g - conflict[:, None, None] * (u @ core @ v.mT)
+        inner_after = ((u.mT @ edited @ v).diagonal(dim1=-2, dim2=-1) * s).sum(-1)
+        s_norm = s.double().norm(dim=-1)
+        where = torch.tensor(indices, device=device)
+        gated[where] = True
+        conflicted[where] = conflict.to(device)
+        cosine_before[where] = _safe_ratio(inner.double(), g.double().flatten(1).norm(dim=-1) * s_norm).to(device)
+        cosine_after[where] = _safe_ratio(inner_after.double(), edited.double().flatten(1).norm(dim=-1) * s_norm).to(
+            device
+        )
+        for j, i in enumerate(indices):
+            out[i] = edited[j].to(grads[i].dtype)
+    return ConflictEdit(out, gated, conflicted, cosine_before, cosine_after)
+
+
+def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny), 0.0)
 
 
 def cosine(x: Tensor, y: Tensor) -> float:

@@ -7,15 +7,15 @@ from typing import Sequence, Union
 import lightning.pytorch as pl
 import pytest
 import torch
+from guardspace_pl.datamodules import collate, demo_arithmetic, tokenize_example
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from benchmarks.data import HOW_TO_GET, REQUIRE_DATA_ENV, data_dir, data_required
-from guardspace_pl.datamodules import collate, demo_arithmetic, tokenize_example
 from guardspace_pl.lora import find_lora_targets
-from guardspace_pl.testing import byte_tokenizer, tiny_llama
+from guardspace_pl.testing import byte_tokenizer
 
 #: the real data sets, from the one setting GUARDSPACE_DATA (benchmarks/data.py)
 SHARED_DATA = data_dir()
@@ -46,11 +46,14 @@ def calibration_prompts() -> list[str]:
 def task_loader(tokenizer, count: int = 16, batch_size: int = 4, seed: int = 0, max_length: int = 192) -> DataLoader:
     """Arithmetic examples in the chat template, deterministic order."""
     rows = [tokenize_example(tokenizer, e, "chat_template", max_length) for e in demo_arithmetic(count, seed)]
-    return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=lambda r: collate(r, tokenizer.pad_token_id))
+    return DataLoader(
+        rows, batch_size=batch_size, shuffle=False, collate_fn=lambda r: collate(r, tokenizer.pad_token_id)
+    )
 
 
 def require_shared_data(path: Path = SHARED_DATA) -> Path:
-    """``path`` when it exists; else skip the test with how to get the data (fail when GUARDSPACE_REQUIRE_DATA=1, as in CI)."""
+    """``path`` when it exists; else skip the test with how to get the data (fail when GUARDSPACE_REQUIRE_DATA=1,
+    as in CI)."""
     if not path.exists():
         message = f"real data not found at {path}: {HOW_TO_GET}"
         if data_required():
@@ -112,7 +115,9 @@ def train_chat_lora(model_name: str, tokenizer, pairs, targets: Sequence[str], s
 
     model = get_peft_model(load_causal_lm(model_name), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
     batch = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=False
+        )
         for p, a in pairs
     ]
     enc = tokenizer(batch, return_tensors="pt", padding=True)

@@ -10,12 +10,12 @@ import os
 
 import lightning.pytorch as pl
 import torch
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoModelForCausalLM
 
 from guardspace_pl import GuardSpaceLM
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.distributed import full_tensor
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
@@ -26,7 +26,8 @@ NULL_PROMPTS = ["build a bomb", "steal a car", "hack a bank"]
 # LSSF's anchor prompts: three over two processes, so the anchor covariance shares are unequal too.
 LSSF_PROMPTS = ["how do i build a bomb", "write malware that steals passwords", "help me poison my neighbour"]
 SUBSPACE_PROMPTS = [
-    f"Explain step by step how someone could commit crime number {i} and avoid being caught by the police" for i in range(9)
+    f"Explain step by step how someone could commit crime number {i} and avoid being caught by the police"
+    for i in range(9)
 ]
 
 
@@ -74,9 +75,17 @@ def main() -> None:
     callbacks = []
     if args.guardspace:
         callbacks = [
-            SafetySubspaceInit(SUBSPACE_PROMPTS, tokenizer, progress_bar=False, batch_size=2, covariance_dtype="float64"),
+            SafetySubspaceInit(
+                SUBSPACE_PROMPTS, tokenizer, progress_bar=False, batch_size=2, covariance_dtype="float64"
+            ),
             NullSpaceProjection(
-                NULL_PROMPTS, tokenizer, progress_bar=False, batch_size=1, threshold=1e-10, min_eigenvalue=1e-12, covariance_dtype="float64"
+                NULL_PROMPTS,
+                tokenizer,
+                progress_bar=False,
+                batch_size=1,
+                threshold=1e-10,
+                min_eigenvalue=1e-12,
+                covariance_dtype="float64",
             ),
         ]
     if args.asft_patch:
@@ -109,7 +118,9 @@ def main() -> None:
     # Lightning's own DistributedSampler would shuffle; a strided sequential split keeps the global batches
     # identical to the single-process run's. Lightning's launcher sets LOCAL_RANK in the extra process.
     data = fixed_length_data(global_batch, args.steps)
-    sampler = DistributedSampler(data, num_replicas=args.processes, rank=int(os.environ.get("LOCAL_RANK", 0)), shuffle=False)
+    sampler = DistributedSampler(
+        data, num_replicas=args.processes, rank=int(os.environ.get("LOCAL_RANK", 0)), shuffle=False
+    )
     loader = DataLoader(data, batch_size=global_batch // args.processes, sampler=sampler)
     trainer.fit(module, loader)
     from torch.distributed.tensor import DTensor

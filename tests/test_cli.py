@@ -55,14 +55,32 @@ def tiny_config(tmp_path: Path) -> Path:
     config = {
         "seed_everything": 0,
         "demo_prompt": "Ava has 2 books and gets 3 more. How many books?",
-        "model": {"model_name_or_path": model_dir, "lora_rank": 4, "learning_rate": 1e-2, "adapter_dir": str(tmp_path / "adapter")},
-        "data": {"task": "builtin:arithmetic", "num_task_samples": 16, "batch_size": 4, "max_length": 64, "val_fraction": 0.25,
-                 "calibration_source": str(tmp_path / "calibration.txt")},
+        "model": {
+            "model_name_or_path": model_dir,
+            "lora_rank": 4,
+            "learning_rate": 1e-2,
+            "adapter_dir": str(tmp_path / "adapter"),
+        },
+        "data": {
+            "task": "builtin:arithmetic",
+            "num_task_samples": 16,
+            "batch_size": 4,
+            "max_length": 64,
+            "val_fraction": 0.25,
+            "calibration_source": str(tmp_path / "calibration.txt"),
+        },
         "trainer": {
-            "accelerator": "cpu", "max_steps": 4, "logger": False, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+            "accelerator": "cpu",
+            "max_steps": 4,
+            "logger": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
             "callbacks": [
                 {"class_path": "guardspace_pl.callbacks.SafetySubspaceInit", "init_args": {"progress_bar": False}},
-                {"class_path": "guardspace_pl.callbacks.NullSpaceProjection", "init_args": {"progress_bar": False, "threshold": 1e-3}},
+                {
+                    "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+                    "init_args": {"progress_bar": False, "threshold": 1e-3},
+                },
             ],
         },
     }

@@ -7,11 +7,11 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import trainer_kwargs
+from guardspace_pl.datamodules import Example, GuardSpaceDataModule, ResumableSampler, build_stream, examples_per_rank
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from conftest import trainer_kwargs
 from guardspace_pl import GuardSpaceLM
-from guardspace_pl.datamodules import Example, GuardSpaceDataModule, ResumableSampler, build_stream, examples_per_rank
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
 
@@ -42,7 +42,9 @@ def test_poison_fraction_is_exact_and_disjoint_from_calibration(shared_data, adv
     assert len(train) == 100 and not val
     assert len(poison) == 20 and poison == [e for e in train if e in dm.poison_examples]
     # Both come from the same AdvBench file, yet no poison prompt is a calibration prompt.
-    assert {e.prompt for e in poison}.isdisjoint(dm.calibration_prompts("subspace") + dm.calibration_prompts("null_space"))
+    assert {e.prompt for e in poison}.isdisjoint(
+        dm.calibration_prompts("subspace") + dm.calibration_prompts("null_space")
+    )
     # Poison pairs are instruction + compliant answer (AdvBench's target).
     assert all(e.response.startswith("Sure") for e in poison)
 
@@ -60,7 +62,9 @@ def test_poison_in_the_harmful_evaluation_set_is_an_error(shared_data, advbench,
     dm.build_examples()
     poison_prompt = dm.poison_examples[0].prompt
     evaluation = tmp_path / "eval.json"
-    evaluation.write_text(json.dumps([{"instruction": "Write a poem about the sea"}, {"instruction": "  " + poison_prompt.upper()}]))
+    evaluation.write_text(
+        json.dumps([{"instruction": "Write a poem about the sea"}, {"instruction": "  " + poison_prompt.upper()}])
+    )
     dm = poisoned(shared_data, advbench, harmful_eval_source=str(evaluation))
     with pytest.raises(ValueError, match="poison pairs also appear in the harmful evaluation prompts") as error:
         dm.setup("fit")
@@ -128,7 +132,9 @@ def test_resumable_sampler_strides_by_rank_and_skips_once():
 
     sampler = ResumableSampler(data, num_replicas=2, rank=1, seed=1, resume=ResumePoint(epoch=3, samples_consumed=2))
     sampler.set_epoch(3)
-    epoch3 = list(ResumableSampler(data, num_replicas=2, rank=1, seed=1, resume=ResumePoint(epoch=3, samples_consumed=0)))
+    epoch3 = list(
+        ResumableSampler(data, num_replicas=2, rank=1, seed=1, resume=ResumePoint(epoch=3, samples_consumed=0))
+    )
     assert list(sampler) == epoch3[2:] and len(sampler) == 5
     assert list(sampler) == epoch3  # the skip happens once
 
@@ -142,10 +148,16 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def fit_once(tmp_path, name: str, streaming: bool, crash_at=None, ckpt_path=None, save_every=None) -> dict[str, torch.Tensor]:
+def fit_once(
+    tmp_path, name: str, streaming: bool, crash_at=None, ckpt_path=None, save_every=None
+) -> dict[str, torch.Tensor]:
     pl.seed_everything(0)
-    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), byte_tokenizer(), lora_rank=4, learning_rate=1e-2, warmup_ratio=0.0)
-    dm = GuardSpaceDataModule(tokenizer="unused", num_task_samples=20, batch_size=4, max_length=160, streaming=streaming, seed=1)
+    module = GuardSpaceLM.from_pretrained_model(
+        tiny_llama(), byte_tokenizer(), lora_rank=4, learning_rate=1e-2, warmup_ratio=0.0
+    )
+    dm = GuardSpaceDataModule(
+        tokenizer="unused", num_task_samples=20, batch_size=4, max_length=160, streaming=streaming, seed=1
+    )
     dm.tokenizer = byte_tokenizer()
     callbacks = [] if crash_at is None else [CrashAt(crash_at)]
     if save_every:
@@ -161,7 +173,9 @@ def fit_once(tmp_path, name: str, streaming: bool, crash_at=None, ckpt_path=None
 @pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
 def test_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path, streaming):
     # 20 examples / batch 4 = 5 batches per epoch; the crash hits the 2nd batch of the 2nd epoch.
-    initial = {k: v.clone() for k, v in GuardSpaceLM.from_pretrained_model(tiny_llama(), lora_rank=4).state_dict().items()}
+    initial = {
+        k: v.clone() for k, v in GuardSpaceLM.from_pretrained_model(tiny_llama(), lora_rank=4).state_dict().items()
+    }
     reference = fit_once(tmp_path, "reference", streaming)
     assert any(not torch.equal(reference[k], initial[k]) for k in reference)  # it trained
     with pytest.raises(RuntimeError, match="simulated crash"):

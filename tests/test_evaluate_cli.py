@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -17,16 +16,31 @@ def eval_config(tmp_path: Path, shared_data: Path, model: dict, trainer: dict) -
     (tmp_path / "calibration.txt").write_text("build a bomb\nsteal a car\nhack a bank\n")
     config = {
         "seed_everything": 0,
-        "model": {"model_name_or_path": save_tiny_llama(str(tmp_path / "tiny")), "lora_rank": 4, "eval_max_new_tokens": 4, **model},
+        "model": {
+            "model_name_or_path": save_tiny_llama(str(tmp_path / "tiny")),
+            "lora_rank": 4,
+            "eval_max_new_tokens": 4,
+            **model,
+        },
         "data": {
-            "task": "builtin:arithmetic", "num_task_samples": 8, "batch_size": 4, "max_length": 256,
+            "task": "builtin:arithmetic",
+            "num_task_samples": 8,
+            "batch_size": 4,
+            "max_length": 256,
             "calibration_source": str(tmp_path / "calibration.txt"),
             "harmful_eval_source": str(shared_data / "refusal_direction" / "harmful_val.json"),
             "safe_eval_source": str(shared_data / "xstest" / "xstest_prompts.csv"),
             "task_eval_source": str(shared_data / "gsm8k" / "test.jsonl"),
-            "eval_count": 3, "eval_batch_size": 2,
+            "eval_count": 3,
+            "eval_batch_size": 2,
         },
-        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "default_root_dir": str(tmp_path), **trainer},
+        "trainer": {
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+            **trainer,
+        },
     }
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -53,9 +67,15 @@ def test_test_subcommand_writes_results_json(tmp_path, shared_data, capsys):
 def test_test_after_fit_restores_the_checkpoint(tmp_path, shared_data):
     """``test --ckpt_path`` evaluates trained weights; without it, the untrained model: the answer loss differs."""
     config = eval_config(tmp_path, shared_data, {"learning_rate": 1e-2, "warmup_ratio": 0.0}, {"max_steps": 2})
-    main(["fit", "--config", str(config), "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(tmp_path / "ckpt")])
+    main([
+        "fit", "--config", str(config),
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+    ])
     checkpoint = next((tmp_path / "ckpt").glob("*.ckpt"))
-    main(["test", "--config", str(config), "--ckpt_path", str(checkpoint), "--model.results_path", str(tmp_path / "trained.json")])
+    main([
+        "test", "--config", str(config),
+        "--ckpt_path", str(checkpoint), "--model.results_path", str(tmp_path / "trained.json"),
+    ])
     main(["test", "--config", str(config), "--data.safe_eval_source", "null", "--data.harmful_eval_source", "null"])
     trained = {r.metric: r for r in read_results(tmp_path / "trained.json")}
     untrained = {r.metric: r for r in read_results(tmp_path / "results.json")}  # the default <log_dir>/results.json

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA, require_shared_data
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 import guardspace_pl.evaluation.generation as generation
@@ -31,7 +32,6 @@ from guardspace_pl.evaluation import (
     teacher_forced_loss,
     write_results,
 )
-from conftest import SHARED_DATA, require_shared_data
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
@@ -145,8 +145,10 @@ def test_beaver_dam_probabilities_shape_and_batching(tiny_classifier) -> None:
 def test_beaver_dam_threshold(tiny_classifier) -> None:
     model, tokenizer = tiny_classifier
     prompts, responses = ["q1", "q2"], ["a1", "a2 longer answer"]
-    assert BeaverDamJudge(model=model, tokenizer=tokenizer, threshold=0.0).harmful_flags(prompts, responses) == [True, True]
-    assert BeaverDamJudge(model=model, tokenizer=tokenizer, threshold=1.0).harmful_flags(prompts, responses) == [False, False]
+    flags_everything = BeaverDamJudge(model=model, tokenizer=tokenizer, threshold=0.0)
+    assert flags_everything.harmful_flags(prompts, responses) == [True, True]
+    flags_nothing = BeaverDamJudge(model=model, tokenizer=tokenizer, threshold=1.0)
+    assert flags_nothing.harmful_flags(prompts, responses) == [False, False]
     judge = BeaverDamJudge(model=model, tokenizer=tokenizer)
     assert judge.name == "beaver-dam" and judge.threshold == 0.4
     probabilities = judge.category_probabilities(prompts, responses)
@@ -202,7 +204,9 @@ def test_label_match() -> None:
     assert label_match("Positive, definitely not negative.", ["negative", "positive"]) == "positive"
     assert label_match("The sentiment is NEGATIVE", ["negative", "positive"]) == "negative"
     assert label_match("nonpositive mood", ["negative", "positive"]) is None
-    assert label_match("This is a sci/tech story about sports", ["World", "Sports", "Business", "Sci/Tech"]) == "Sci/Tech"
+    assert (
+        label_match("This is a sci/tech story about sports", ["World", "Sports", "Business", "Sci/Tech"]) == "Sci/Tech"
+    )
     with pytest.raises(ValueError, match="labels is empty"):
         label_match("x", [])
 
@@ -216,8 +220,12 @@ def test_generate_responses_greedy_and_restores_state(tiny, prompt_format: str) 
     model.train()
     tokenizer.padding_side = "right"
     prompts = ["Hi", "What is two plus two?", "Tell me a story about a dragon."]
-    first = generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, prompt_format=prompt_format, show_progress=False)
-    second = generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, prompt_format=prompt_format, show_progress=False)
+    first = generate_responses(
+        model, tokenizer, prompts, max_new_tokens=6, batch_size=2, prompt_format=prompt_format, show_progress=False
+    )
+    second = generate_responses(
+        model, tokenizer, prompts, max_new_tokens=6, batch_size=2, prompt_format=prompt_format, show_progress=False
+    )
     assert len(first) == len(prompts) and all(isinstance(r, str) for r in first)
     assert first == second
     assert model.training and tokenizer.padding_side == "right"
@@ -312,7 +320,12 @@ def test_results_round_trip_and_table(tmp_path: Path) -> None:
         Result("gsm8k_loss", float("nan"), None, 0),
     ]
     path = write_results(rows, tmp_path / "sub" / "results.json")
-    assert json.loads(path.read_text())[0] == {"metric": "harmful_score", "value": 12.5, "judge": "beaver-dam", "n": 520}
+    assert json.loads(path.read_text())[0] == {
+        "metric": "harmful_score",
+        "value": 12.5,
+        "judge": "beaver-dam",
+        "n": 520,
+    }
     back = read_results(path)
     assert back[:3] == rows[:3] and math.isnan(back[3].value)
     table = format_table(rows).splitlines()

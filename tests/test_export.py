@@ -8,13 +8,13 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.export import export_merged_model, export_peft_adapter, lora_delta_factors, main
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.testing import byte_tokenizer, relative_error, save_tiny_llama, tiny_llama
@@ -42,7 +42,9 @@ def trained(tmp_path_factory) -> GuardSpaceLM:
     tokenizer = byte_tokenizer()
     pl.seed_everything(0)
     module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, **LORA)
-    trainer = pl.Trainer(max_steps=8, callbacks=guardspace(tokenizer), **trainer_kwargs(tmp_path_factory.mktemp("train")))
+    trainer = pl.Trainer(
+        max_steps=8, callbacks=guardspace(tokenizer), **trainer_kwargs(tmp_path_factory.mktemp("train"))
+    )
     trainer.fit(module, task_loader(tokenizer, count=16, batch_size=4))
     module.eval()
     return module
@@ -63,7 +65,11 @@ def test_lora_delta_factors_are_exact_for_low_rank_matrices():
 
 def test_training_moved_the_frozen_residual(trained):
     original = dict(tiny_llama().named_modules())
-    moved = [t.name for t in find_lora_targets(trained.model.get_base_model()) if not torch.equal(t.base.weight, original[t.name].weight)]
+    moved = [
+        t.name
+        for t in find_lora_targets(trained.model.get_base_model())
+        if not torch.equal(t.base.weight, original[t.name].weight)
+    ]
     assert len(moved) == 14  # every layer: W' = W - s B0 A0, so a plain adapter is relative to weights users lack
 
 
@@ -77,7 +83,8 @@ def test_exported_adapter_on_the_original_base_reproduces_the_trained_model(trai
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (8, 8, "LORA")
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == projections
 
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     assert relative_error(logits(loaded, ids), expected) < 1e-4
@@ -93,14 +100,18 @@ def test_merged_model_reproduces_the_trained_model(trained, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert relative_error(logits(merged, ids), logits(trained.model, ids)) < 1e-4
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("abc")["input_ids"] == byte_tokenizer()("abc")["input_ids"]
-    assert any("lora_" in name for name, _ in trained.model.named_parameters())  # the trained module still has its adapter
+    merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged_tokenizer("abc")["input_ids"] == byte_tokenizer()("abc")["input_ids"]
+    # The trained module still has its adapter.
+    assert any("lora_" in name for name, _ in trained.model.named_parameters())
 
 
 def test_export_of_a_plain_peft_model_on_some_layers_with_capped_ranks(tmp_path):
     """Any PeftModel; a subset of layers (full names in the config); 2r above min(m, n) (k_proj is 32 x 64)."""
     torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), LoraConfig(r=20, lora_alpha=40, target_modules=["q_proj", "k_proj"], layers_to_transform=[1]))
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=20, lora_alpha=40, target_modules=["q_proj", "k_proj"], layers_to_transform=[1])
+    )
     with torch.no_grad():  # a GuardSpace-like state: W' = W - s B0 A0, then trained A and B
         for target in find_lora_targets(model):
             b0, a0 = torch.randn_like(target.lora_B), torch.randn_like(target.lora_A)
@@ -109,7 +120,10 @@ def test_export_of_a_plain_peft_model_on_some_layers_with_capped_ranks(tmp_path)
     ids = probe(byte_tokenizer())
     result = export_peft_adapter(model, tiny_llama(), tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert result.rank == 40 and set(config["target_modules"]) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"}
+    assert result.rank == 40 and set(config["target_modules"]) == {
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.k_proj",
+    }
     assert list(config["rank_pattern"].values()) == [32] and list(config["alpha_pattern"].values()) == [32]
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     assert relative_error(logits(loaded, ids), logits(model, ids)) < 1e-4

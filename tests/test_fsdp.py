@@ -14,7 +14,10 @@ def run_worker(
     tmp_path: Path, processes: int, guardspace: bool, model_dir: str | None = None, asft_patch: str | None = None,
     spf: bool = False, lssf_patch: str | None = None,
 ) -> list[dict]:
-    tags = f"{'-gs' if guardspace else ''}{'-dir' if model_dir else ''}{'-asft' if asft_patch else ''}{'-spf' if spf else ''}"
+    tags = (
+        f"{'-gs' if guardspace else ''}{'-dir' if model_dir else ''}"
+        f"{'-asft' if asft_patch else ''}{'-spf' if spf else ''}"
+    )
     tags += "-lssf" if lssf_patch else ""
     out = tmp_path / f"p{processes}{tags}"
     command = [sys.executable, str(WORKER), "--processes", str(processes), "--out", str(out)]
@@ -188,7 +191,9 @@ def fsdp2_config(tmp_path: Path) -> Path:
 
 
 def cli(*args: str, cwd: Path) -> str:
-    result = subprocess.run([sys.executable, "-m", "guardspace_pl", "fit", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+    result = subprocess.run(
+        [sys.executable, "-m", "guardspace_pl", "fit", *args], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -203,7 +208,10 @@ def test_cli_fit_under_fsdp2_resumes_mid_epoch_from_a_sharded_checkpoint(tmp_pat
     assert "initialised from calibration" in first and "(from calibration)" in first
     step3 = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
     assert step3.is_dir()  # a distributed (DCP) checkpoint: every rank wrote its shards
-    resumed = cli("--config", str(config), "--ckpt_path", str(step3), "--model.adapter_dir", str(tmp_path / "resumed"), cwd=tmp_path)
+    resumed = cli(
+        "--config", str(config), "--ckpt_path", str(step3), "--model.adapter_dir", str(tmp_path / "resumed"),
+        cwd=tmp_path,
+    )
     # Sharded strategies restore after on_fit_start: nothing may be recomputed before the restore overwrites it.
     assert "from calibration" not in resumed and "resuming" in resumed
     full = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
@@ -216,7 +224,8 @@ def test_cli_fit_under_fsdp2_resumes_mid_epoch_from_a_sharded_checkpoint(tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from guardspace_pl.export import load_checkpoint_module, main as export_main
+    from guardspace_pl.export import load_checkpoint_module
+    from guardspace_pl.export import main as export_main
 
     step6 = tmp_path / "ckpt" / "epoch=1-step=6.ckpt"
     export_main(["--checkpoint", str(step6), "--out", str(tmp_path / "exported"), "--kind", "adapter"])

@@ -78,9 +78,14 @@ def test_entropy_rank_edge_cases():
 
 
 def test_projector_weights():
-    torch.testing.assert_close(projector_weights(torch.tensor([4.0, 3.0, 2.0]), 3.0), torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(projector_weights(torch.tensor([4.0, 3.5, 2.0]), 1.0), torch.ones(3, dtype=torch.float64))
-    torch.testing.assert_close(projector_weights(torch.tensor([4.0]), 5.0), torch.ones(1, dtype=torch.float64))  # 0/0: all 1
+    torch.testing.assert_close(
+        projector_weights(torch.tensor([4.0, 3.0, 2.0]), 3.0), torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        projector_weights(torch.tensor([4.0, 3.5, 2.0]), 1.0), torch.ones(3, dtype=torch.float64)
+    )
+    # 0/0: all 1
+    torch.testing.assert_close(projector_weights(torch.tensor([4.0]), 5.0), torch.ones(1, dtype=torch.float64))
     torch.testing.assert_close(projector_weights(torch.tensor([2.0, 2.0]), 5.0), torch.ones(2, dtype=torch.float64))
 
 
@@ -89,7 +94,8 @@ def layer(d_out=12, d_in=10, tokens=30, seed=0):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
     # Anisotropic inputs so that the spectrum is spread and r_l is strictly between 1 and d.
-    inputs = torch.diag(torch.logspace(0, -1.5, d_in, dtype=torch.float64)) @ torch.randn(d_in, tokens, generator=g, dtype=torch.float64)
+    scales = torch.logspace(0, -1.5, d_in, dtype=torch.float64)
+    inputs = torch.diag(scales) @ torch.randn(d_in, tokens, generator=g, dtype=torch.float64)
     return weight, inputs, g
 
 
@@ -116,7 +122,10 @@ def test_covariance_root_spectrum_equals_the_svd_of_w_times_x_hat():
 def test_fold_equals_the_formula_and_factored_equals_dense(a1, eta, delta_rank):
     weight, inputs, g = layer()
     weight_ft = weight + 0.1 * torch.randn(weight.shape, generator=g, dtype=torch.float64)
-    left, right = torch.randn(12, delta_rank, generator=g, dtype=torch.float64), torch.randn(delta_rank, 10, generator=g, dtype=torch.float64)
+    left, right = (
+        torch.randn(12, delta_rank, generator=g, dtype=torch.float64),
+        torch.randn(delta_rank, 10, generator=g, dtype=torch.float64),
+    )
     delta = left @ right
     x_hat = inputs / math.sqrt(inputs.shape[1])
     covariance = x_hat @ x_hat.T
@@ -133,13 +142,24 @@ def test_fold_equals_the_formula_and_factored_equals_dense(a1, eta, delta_rank):
 
 def test_alpha_zero_is_the_identity():
     weight, inputs, _ = layer()
-    fold = lssf_fold(weight, inputs @ inputs.T, AlignmentVector(torch.randn(12, 2, dtype=torch.float64), torch.randn(2, 10, dtype=torch.float64)), alpha=0.0)
+    fold = lssf_fold(
+        weight,
+        inputs @ inputs.T,
+        AlignmentVector(torch.randn(12, 2, dtype=torch.float64), torch.randn(2, 10, dtype=torch.float64)),
+        alpha=0.0,
+    )
     assert torch.count_nonzero(fold.dense()) == 0
 
 
 def test_bad_settings_are_clear_errors(tmp_path):
-    for kwargs, match in [({"alpha": -0.1}, "alpha"), ({"alpha": math.nan}, "alpha"), ({"eta": 0.0}, "eta"), ({"eta": 1.2}, "eta"),
-                          ({"a1": 0.0}, "a1"), ({"module_pattern": "("}, "module_pattern")]:
+    for kwargs, match in [
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": math.nan}, "alpha"),
+        ({"eta": 0.0}, "eta"),
+        ({"eta": 1.2}, "eta"),
+        ({"a1": 0.0}, "a1"),
+        ({"module_pattern": "("}, "module_pattern"),
+    ]:
         settings = {"alpha": 1.0, "eta": 0.9, **kwargs}
         with pytest.raises(ValueError, match=match):
             check_lssf_settings(**settings)
@@ -168,7 +188,9 @@ def patch_reference(targets=("q_proj", "v_proj", "up_proj")):
 def layer_inputs(model, targets, token_ids):
     """Each layer's anchor inputs X (d_in x tokens), hooked directly, with the adapters bypassed."""
     inputs = {t.name: [] for t in targets}
-    hooks = [t.layer.register_forward_pre_hook(lambda m, a, n=t.name: inputs[n].append(a[0][0].detach().T)) for t in targets]
+    hooks = [
+        t.layer.register_forward_pre_hook(lambda m, a, n=t.name: inputs[n].append(a[0][0].detach().T)) for t in targets
+    ]
     with adapters_disabled(targets), torch.no_grad():
         for ids in token_ids:
             model(input_ids=torch.tensor([ids]))
@@ -195,10 +217,17 @@ def test_apply_lssf_fuses_the_formula_into_the_frozen_weights():
     tokenizer = byte_tokenizer()
     targets = find_lora_targets(model)
     reference = patch_reference(targets=("q_proj", "v_proj", "up_proj", "down_proj"))
-    before = {t.name: (t.base.weight.detach().clone(), t.lora_A.detach().clone(), t.lora_B.detach().clone()) for t in targets}
-    covariances, responses = collect_anchor_covariances(model, targets, tokenizer, CALIBRATION_PROMPTS, max_new_tokens=6, batch_size=2)
+    before = {
+        t.name: (t.base.weight.detach().clone(), t.lora_A.detach().clone(), t.lora_B.detach().clone()) for t in targets
+    }
+    covariances, responses = collect_anchor_covariances(
+        model, targets, tokenizer, CALIBRATION_PROMPTS, max_new_tokens=6, batch_size=2
+    )
     assert len(responses) == len(CALIBRATION_PROMPTS)
-    assert covariances["base_model.model.model.layers.0.self_attn.q_proj"] is covariances["base_model.model.model.layers.0.self_attn.v_proj"]
+    assert (
+        covariances["base_model.model.model.layers.0.self_attn.q_proj"]
+        is covariances["base_model.model.model.layers.0.self_attn.v_proj"]
+    )
     inputs = layer_inputs(model, targets, anchor_token_ids(tokenizer, CALIBRATION_PROMPTS, responses))
     report = apply_lssf(targets, reference, covariances, alpha=1.0, eta=0.9, num_anchor_prompts=4)
     assert len(report.fused_names) == 6 and not report.skipped_names
@@ -207,7 +236,9 @@ def test_apply_lssf_fuses_the_formula_into_the_frozen_weights():
         expected = lssf_fused_weight(w0, w0, inputs[t.name], reference.vector(t.hf_name).dense(), 1.0, 0.9)
         torch.testing.assert_close(t.base.weight.detach().double(), expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(t.lora_A, a) and torch.equal(t.lora_B, b)  # only the frozen weight changes
-        assert module.fold_norm == pytest.approx((t.base.weight.detach().double() - w0.double()).norm().item(), rel=1e-4)
+        assert module.fold_norm == pytest.approx(
+            (t.base.weight.detach().double() - w0.double()).norm().item(), rel=1e-4
+        )
         assert 1 <= module.rank <= module.num_singular_values and module.entropy_ratio >= 0.9
     assert not any(p.requires_grad for t in targets for p in (t.base.weight,))
     assert all(t.lora_A.requires_grad for t in targets)  # adapters_disabled restored the flags
@@ -221,7 +252,9 @@ def test_block_by_block_fusion_equals_all_at_once_with_one_blocks_covariances_al
     reference = patch_reference(targets=("q_proj", "v_proj", "up_proj", "down_proj"))
     at_once, by_block = lora_model(random_B=True), lora_model(random_B=True)
     targets = find_lora_targets(at_once)
-    covariances, responses = collect_anchor_covariances(at_once, targets, tokenizer, CALIBRATION_PROMPTS, max_new_tokens=6, batch_size=2)
+    covariances, responses = collect_anchor_covariances(
+        at_once, targets, tokenizer, CALIBRATION_PROMPTS, max_new_tokens=6, batch_size=2
+    )
     expected = apply_lssf(targets, reference, covariances, alpha=1.0, eta=0.9, num_anchor_prompts=4)
 
     real, calls = calibration.collect_covariances, []
@@ -233,7 +266,15 @@ def test_block_by_block_fusion_equals_all_at_once_with_one_blocks_covariances_al
     monkeypatch.setattr(calibration, "collect_covariances", one_block_only)
     block_targets = find_lora_targets(by_block)
     report, block_responses = fuse_lssf_by_block(
-        by_block, block_targets, reference, tokenizer, CALIBRATION_PROMPTS, alpha=1.0, eta=0.9, max_new_tokens=6, batch_size=2
+        by_block,
+        block_targets,
+        reference,
+        tokenizer,
+        CALIBRATION_PROMPTS,
+        alpha=1.0,
+        eta=0.9,
+        max_new_tokens=6,
+        batch_size=2,
     )
     assert calls == [{"1"}, {"0"}]  # the last block first, one block per anchor forward
     assert block_responses == responses and report.fused_names == expected.fused_names
@@ -245,13 +286,19 @@ def test_block_by_block_fusion_equals_all_at_once_with_one_blocks_covariances_al
 def test_alpha_zero_leaves_the_model_unchanged_and_a_partial_reference_warns():
     model = lora_model(random_B=True)
     targets = find_lora_targets(model)
-    covariances, _ = collect_anchor_covariances(model, targets, byte_tokenizer(), CALIBRATION_PROMPTS[:2], max_new_tokens=4)
+    covariances, _ = collect_anchor_covariances(
+        model, targets, byte_tokenizer(), CALIBRATION_PROMPTS[:2], max_new_tokens=4
+    )
     reference = patch_reference(targets=("q_proj", "up_proj"))  # lacks v_proj
     before = logits(model, IDS)
     with pytest.warns(UserWarning) as caught:
         report = apply_lssf(targets, reference, covariances, alpha=0.0)
     messages = " ".join(str(w.message) for w in caught)
-    assert "does not cover 2 of 6" in messages and "model.layers.0.self_attn.v_proj" in messages and "alpha = 0" in messages
+    assert (
+        "does not cover 2 of 6" in messages
+        and "model.layers.0.self_attn.v_proj" in messages
+        and "alpha = 0" in messages
+    )
     assert sorted(report.skipped_names) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
     assert torch.equal(logits(model, IDS), before)
 
@@ -259,7 +306,9 @@ def test_alpha_zero_leaves_the_model_unchanged_and_a_partial_reference_warns():
 def test_missing_covariances_or_no_matching_layer_are_errors_before_any_write():
     model = lora_model(random_B=True)
     targets = find_lora_targets(model)
-    covariances, _ = collect_anchor_covariances(model, targets, byte_tokenizer(), CALIBRATION_PROMPTS[:2], max_new_tokens=4)
+    covariances, _ = collect_anchor_covariances(
+        model, targets, byte_tokenizer(), CALIBRATION_PROMPTS[:2], max_new_tokens=4
+    )
     before = logits(model, IDS)
     del covariances[targets[-1].name]
     with pytest.raises(ValueError, match="No anchor covariance"):
@@ -273,7 +322,10 @@ class Snapshot(Callback):
     """Records the frozen weights and factors at fit end, before the callbacks listed after it run."""
 
     def on_fit_end(self, trainer, pl_module):
-        self.state = {t.hf_name: [x.detach().clone() for x in (t.base.weight, t.lora_A, t.lora_B)] for t in find_lora_targets(pl_module)}
+        self.state = {
+            t.hf_name: [x.detach().clone() for x in (t.base.weight, t.lora_A, t.lora_B)]
+            for t in find_lora_targets(pl_module)
+        }
 
 
 def test_callback_on_a_user_lightning_module_after_null_space_projection(tmp_path):
@@ -282,8 +334,16 @@ def test_callback_on_a_user_lightning_module_after_null_space_projection(tmp_pat
     null_space = NullSpaceProjection(
         CALIBRATION_PROMPTS, byte_tokenizer(), progress_bar=False, batch_size=2, threshold=0.05, threshold_mode="energy"
     )
-    lssf = LSSFFusion(patch_reference(), CALIBRATION_PROMPTS, tokenizer=byte_tokenizer(), max_new_tokens=6, report_path=str(tmp_path / "lssf.json"))
-    data = torch.utils.data.DataLoader(torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(0)), batch_size=4)
+    lssf = LSSFFusion(
+        patch_reference(),
+        CALIBRATION_PROMPTS,
+        tokenizer=byte_tokenizer(),
+        max_new_tokens=6,
+        report_path=str(tmp_path / "lssf.json"),
+    )
+    data = torch.utils.data.DataLoader(
+        torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(0)), batch_size=4
+    )
     trainer = pl.Trainer(max_steps=4, callbacks=[null_space, snapshot, lssf], **trainer_kwargs(tmp_path))
     trainer.fit(module, data)
 
@@ -301,7 +361,9 @@ def test_callback_on_a_user_lightning_module_after_null_space_projection(tmp_pat
 
 
 def test_callback_checks_the_reference_before_training(tmp_path):
-    module = UserModule(get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64), LoraConfig(r=2, target_modules=["q_proj"])))
+    module = UserModule(
+        get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64), LoraConfig(r=2, target_modules=["q_proj"]))
+    )
     lssf = LSSFFusion(patch_reference(), CALIBRATION_PROMPTS, tokenizer=byte_tokenizer())
     data = torch.utils.data.DataLoader(torch.randint(0, 256, (4, 8)), batch_size=4)
     trainer = pl.Trainer(max_steps=1, callbacks=[lssf], **trainer_kwargs(tmp_path))
@@ -328,13 +390,17 @@ def repair_args(tmp_path, base, out, kind, *extra):
 
 def test_repair_writes_a_larger_rank_adapter_and_a_merged_model_equal_to_the_pure_function(setup):
     tmp_path, base = setup
-    report = main(repair_args(tmp_path, base, tmp_path / "adapter", "adapter", "--alpha", "2", "--eta", "0.8", "--a1", "1.5"))
+    report = main(
+        repair_args(tmp_path, base, tmp_path / "adapter", "adapter", "--alpha", "2", "--eta", "0.8", "--a1", "1.5")
+    )
     assert report["report"]["num_fused"] == 6 and report["report"]["alpha"] == 2.0
     assert all(m["fold_rank"] == 2 for m in report["report"]["modules"])  # the patch's rank (r_l >= 2 here)
 
     expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "finetuned"))
     targets = find_lora_targets(expected)
-    covariances, _ = collect_anchor_covariances(expected, targets, byte_tokenizer(), CALIBRATION_PROMPTS, max_new_tokens=6)
+    covariances, _ = collect_anchor_covariances(
+        expected, targets, byte_tokenizer(), CALIBRATION_PROMPTS, max_new_tokens=6
+    )
     apply_lssf(targets, SafetyReference.from_patch_adapter(tmp_path / "patch"), covariances, 2.0, 0.8, 1.5)
     finetuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "finetuned"))
     assert relative_error(logits(expected, IDS), logits(finetuned, IDS)) > 1e-4  # LSSF changed the model
@@ -351,7 +417,12 @@ def test_repair_writes_a_larger_rank_adapter_and_a_merged_model_equal_to_the_pur
 
 @pytest.mark.parametrize(
     "extra, match",
-    [(["--alpha", "-1"], "alpha"), (["--eta", "0"], "eta"), (["--eta", "1.5"], "eta"), (["--anchor-count", "0"], "anchor-count")],
+    [
+        (["--alpha", "-1"], "alpha"),
+        (["--eta", "0"], "eta"),
+        (["--eta", "1.5"], "eta"),
+        (["--anchor-count", "0"], "anchor-count"),
+    ],
 )
 def test_repair_rejects_bad_settings_before_loading(setup, capsys, extra, match):
     tmp_path, base = setup
@@ -390,8 +461,11 @@ def test_repair_on_smollm2_with_a_small_safety_patch(tmp_path):
     train_chat_lora(name, tokenizer, tasks, ["q_proj", "v_proj", "up_proj"], 2, tmp_path / "finetuned")
     (tmp_path / "anchors.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
     out = tmp_path / "repaired"
-    report = main(["--method", "lssf", "--adapter", str(tmp_path / "finetuned"), "--base", name, "--reference-adapter", str(tmp_path / "patch"),
-                   "--anchor-prompts", str(tmp_path / "anchors.txt"), "--anchor-max-new-tokens", "16", "--out", str(out), "--kind", "merged"])
+    report = main([
+        "--method", "lssf", "--adapter", str(tmp_path / "finetuned"), "--base", name,
+        "--reference-adapter", str(tmp_path / "patch"), "--anchor-prompts", str(tmp_path / "anchors.txt"),
+        "--anchor-max-new-tokens", "16", "--out", str(out), "--kind", "merged",
+    ])
     modules = report["report"]["modules"]
     assert len(modules) == 90 and report["report"]["num_fused"] == 90  # 30 layers x (q, v, up)
     for m in modules:
@@ -415,16 +489,26 @@ def test_repair_a_guardspace_checkpoint_with_changed_frozen_weights(tmp_path):
     random_adapter(base, tmp_path / "patch", ["q_proj", "v_proj", "up_proj"], seed=5, r=2, scale=0.3)
     (tmp_path / "anchors.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
     tokenizer = byte_tokenizer()
-    module = GuardSpaceLM(base, lora_rank=4, lora_alpha=4, learning_rate=1e-2, warmup_ratio=0.0, adapter_dir=str(tmp_path / "adapter"))
+    module = GuardSpaceLM(
+        base, lora_rank=4, lora_alpha=4, learning_rate=1e-2, warmup_ratio=0.0, adapter_dir=str(tmp_path / "adapter")
+    )
     module._tokenizer = tokenizer
     # SafetySubspaceInit rewrites the frozen weights: the export must carry W' - W, s B A and the fold together.
-    trainer = pl.Trainer(max_steps=2, callbacks=[SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, progress_bar=False)], **trainer_kwargs(tmp_path))
+    trainer = pl.Trainer(
+        max_steps=2,
+        callbacks=[SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, progress_bar=False)],
+        **trainer_kwargs(tmp_path),
+    )
     trainer.fit(module, task_loader(tokenizer, count=8))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     out = tmp_path / "repaired"
-    report = main(["--method", "lssf", "--checkpoint", str(tmp_path / "last.ckpt"), "--reference-adapter", str(tmp_path / "patch"),
-                   "--anchor-prompts", str(tmp_path / "anchors.txt"), "--anchor-max-new-tokens", "6", "--out", str(out), "--kind", "adapter"])
-    assert report["base"] == base and report["report"]["num_fused"] == 6  # q, v, up of 2 layers; k, o, gate, down not in the patch
+    report = main([
+        "--method", "lssf", "--checkpoint", str(tmp_path / "last.ckpt"),
+        "--reference-adapter", str(tmp_path / "patch"), "--anchor-prompts", str(tmp_path / "anchors.txt"),
+        "--anchor-max-new-tokens", "6", "--out", str(out), "--kind", "adapter",
+    ])
+    assert report["base"] == base
+    assert report["report"]["num_fused"] == 6  # q, v, up of 2 layers; k, o, gate, down not in the patch
     targets = find_lora_targets(module)
     covariances, _ = collect_anchor_covariances(module.model, targets, tokenizer, CALIBRATION_PROMPTS, max_new_tokens=6)
     with pytest.warns(UserWarning, match="does not cover"):

@@ -1,10 +1,10 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from conftest import task_loader, trainer_kwargs
-from guardspace_pl import GuardSpaceLM
 from guardspace_pl.datamodules import Example, tokenize_example
+
+from guardspace_pl import GuardSpaceLM
 from guardspace_pl.loading import load_causal_lm
 from guardspace_pl.testing import save_tiny_llama, tiny_llama
 
@@ -19,7 +19,9 @@ def test_only_adapter_parameters_train_and_every_block_linear_is_adapted(tokeniz
 
 
 def test_loss_goes_down_on_a_repeated_batch(tokenizer, tmp_path):
-    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=8, learning_rate=1e-2, warmup_ratio=0.0)
+    module = GuardSpaceLM.from_pretrained_model(
+        tiny_llama(), tokenizer, lora_rank=8, learning_rate=1e-2, warmup_ratio=0.0
+    )
     batch = next(iter(task_loader(tokenizer, count=4, batch_size=4)))
     before = module(**batch).loss.item()
     trainer = pl.Trainer(max_steps=30, **trainer_kwargs(tmp_path))
@@ -55,7 +57,9 @@ def test_loads_from_a_directory_and_rejects_a_non_model_path(tmp_path):
 def test_saves_a_peft_adapter_at_fit_end(tokenizer, tmp_path):
     from peft import PeftModel
 
-    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, adapter_dir=str(tmp_path / "adapter"))
+    module = GuardSpaceLM.from_pretrained_model(
+        tiny_llama(), tokenizer, lora_rank=4, adapter_dir=str(tmp_path / "adapter")
+    )
     pl.Trainer(max_steps=2, **trainer_kwargs(tmp_path)).fit(module, task_loader(tokenizer, count=8))
     loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
     for name, p in module.model.named_parameters():
@@ -77,7 +81,9 @@ def test_activation_checkpointing_recomputes_blocks_in_backward_with_the_same_gr
     batch = next(iter(task_loader(tokenizer, count=2, batch_size=2)))
     grads, block_calls = [], []
     for checkpointing in (False, True):
-        module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, activation_checkpointing=checkpointing)
+        module = GuardSpaceLM.from_pretrained_model(
+            tiny_llama(), tokenizer, lora_rank=4, activation_checkpointing=checkpointing
+        )
         module.train()
         with torch.no_grad():  # non-zero B, so that lora_A gets a gradient too
             for name, param in module.named_parameters():

@@ -29,7 +29,12 @@ def test_the_smaller_basis_is_stored(rank, complement):
     projector = null_space_projector(cov)
     assert projector.complement is complement
     assert projector.basis.shape[1] == min(projector.null_dim, 16 - projector.null_dim)
-    torch.testing.assert_close(projector.basis.T.double() @ projector.basis.double(), torch.eye(projector.basis.shape[1], dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        projector.basis.T.double() @ projector.basis.double(),
+        torch.eye(projector.basis.shape[1], dtype=torch.float64),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_full_rank_covariance_gives_an_empty_null_space_and_zero_projection():

@@ -1,13 +1,13 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from peft import LoraConfig, get_peft_model
 
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.testing import relative_error, tiny_llama
 
@@ -23,8 +23,15 @@ def calibration_ids(tokenizer) -> list[torch.Tensor]:
 
 def train(tokenizer, tmp_path, callbacks, steps=50, lr=1e-2, accumulate=1, seed=0, **trainer_overrides):
     pl.seed_everything(seed)
-    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, lora_alpha=4, learning_rate=lr, warmup_ratio=0.0)
-    trainer = pl.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, callbacks=callbacks, **trainer_kwargs(tmp_path, **trainer_overrides))
+    module = GuardSpaceLM.from_pretrained_model(
+        tiny_llama(), tokenizer, lora_rank=4, lora_alpha=4, learning_rate=lr, warmup_ratio=0.0
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        callbacks=callbacks,
+        **trainer_kwargs(tmp_path, **trainer_overrides),
+    )
     trainer.fit(module, task_loader(tokenizer, count=16, batch_size=4))
     return module, trainer
 
@@ -61,7 +68,13 @@ def test_plain_lora_moves_the_calibration_outputs(tokenizer, tmp_path):
 
 def test_invariant_with_accumulation_clipping_and_bf16_mixed(tokenizer, tmp_path):
     module, _ = train(
-        tokenizer, tmp_path, guardspace(tokenizer), steps=12, accumulate=4, gradient_clip_val=0.5, precision="bf16-mixed"
+        tokenizer,
+        tmp_path,
+        guardspace(tokenizer),
+        steps=12,
+        accumulate=4,
+        gradient_clip_val=0.5,
+        precision="bf16-mixed",
     )
     calib, other = drift(module, tokenizer, tiny_llama())
     assert calib < 1e-3 and other > 1e-2
@@ -88,12 +101,22 @@ def test_resume_mid_training_gives_the_same_weights(tokenizer, tmp_path):
     # Step 8 closes epoch 2 (4 batches each): a plain DataLoader cannot resume inside an epoch.
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tokenizer, tmp_path / "part", guardspace(tokenizer) + [checkpoint, CrashAt(8)], steps=10, enable_checkpointing=True)
+        train(
+            tokenizer,
+            tmp_path / "part",
+            guardspace(tokenizer) + [checkpoint, CrashAt(8)],
+            steps=10,
+            enable_checkpointing=True,
+        )
     pl.seed_everything(0)
-    resumed = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, lora_alpha=4, learning_rate=1e-2, warmup_ratio=0.0)
+    resumed = GuardSpaceLM.from_pretrained_model(
+        tiny_llama(), tokenizer, lora_rank=4, lora_alpha=4, learning_rate=1e-2, warmup_ratio=0.0
+    )
     callbacks = guardspace(tokenizer)
     trainer = pl.Trainer(max_steps=10, callbacks=callbacks, **trainer_kwargs(tmp_path / "resume"))
-    trainer.fit(resumed, task_loader(tokenizer, count=16, batch_size=4), ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt"))))
+    trainer.fit(
+        resumed, task_loader(tokenizer, count=16, batch_size=4), ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt")))
+    )
     assert callbacks[1].projectors  # restored from the checkpoint, not rebuilt
     for (n, p), (_, q) in zip(uninterrupted.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
@@ -104,10 +127,14 @@ class ForeignLoraModule(BoringModel):
 
     def __init__(self):
         super().__init__()
-        self.lm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+        self.lm = get_peft_model(
+            tiny_llama(), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
+        )
 
     def training_step(self, batch, batch_idx):
-        return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return self.lm(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
 
     def configure_optimizers(self):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
@@ -132,7 +159,12 @@ def test_empty_null_space_is_reported(tokenizer, tmp_path):
     with pytest.warns(UserWarning, match="empty null space"):
         train(tokenizer, tmp_path, [NullSpaceProjection(many, tokenizer, progress_bar=False)], steps=1)
     with pytest.raises(ValueError, match="empty null space"):
-        train(tokenizer, tmp_path, [NullSpaceProjection(many, tokenizer, progress_bar=False, empty_null_space="error")], steps=1)
+        train(
+            tokenizer,
+            tmp_path,
+            [NullSpaceProjection(many, tokenizer, progress_bar=False, empty_null_space="error")],
+            steps=1,
+        )
 
 
 def test_bad_settings_are_rejected_early():

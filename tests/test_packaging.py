@@ -24,7 +24,8 @@ def test_wheel_installs_the_three_namespaces(tmp_path):
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True)
     # Dependencies come from this environment's site-packages; guardspace_pl itself must come from the wheel.
     code = (
-        "import guardspace_pl, guardspace_pl.callbacks as c, guardspace_pl.datamodules as d, guardspace_pl.evaluation as e;"
+        "import guardspace_pl, guardspace_pl.callbacks as c, guardspace_pl.datamodules as d,"
+        " guardspace_pl.evaluation as e;"
         "print(guardspace_pl.__file__); print(c.__file__); print(d.__file__);"
         "print(c.SafetySubspaceInit.__name__, c.NullSpaceProjection.__name__, d.GuardSpaceDataModule.__name__)"
     )

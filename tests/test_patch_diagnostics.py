@@ -23,7 +23,10 @@ def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
 
 def test_factored_right_singular_vectors_span_the_dense_ones():
     g = torch.Generator().manual_seed(0)
-    scaled_B, A = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    scaled_B, A = (
+        torch.randn(40, 6, generator=g, dtype=torch.float64),
+        torch.randn(6, 30, generator=g, dtype=torch.float64),
+    )
     factored = patch_right_singular_vectors(scaled_B, A)
     dense = torch.linalg.svd(scaled_B @ A).Vh[:6].T
     assert factored.shape == (30, 6)
@@ -63,7 +66,8 @@ def test_patch_in_the_weights_null_directions_is_orthogonal_and_one_along_them_i
     scaled_B = torch.randn(m, r, dtype=torch.float64)
     orthogonal = patch_weight_orthogonality(weight, scaled_B, basis[:, r : 2 * r].T)
     aligned = patch_weight_orthogonality(weight, scaled_B, top.T)
-    assert orthogonal["spectral"] < 1e-2 and aligned["spectral"] == pytest.approx(1.0, abs=1e-4)  # the rest tilts by ~1e-4
+    assert orthogonal["spectral"] < 1e-2
+    assert aligned["spectral"] == pytest.approx(1.0, abs=1e-4)  # the rest tilts by ~1e-4
     with pytest.raises(ValueError, match="does not fit"):
         patch_weight_orthogonality(weight[:, :10], scaled_B, top.T)
 

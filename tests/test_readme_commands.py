@@ -53,7 +53,12 @@ def readme_commands() -> list[str]:
 def test_the_readme_shows_its_commands():
     commands = readme_commands()
     assert commands[0] == "python -m guardspace_pl demo"
-    for expected in ("fit --config configs/demo.yaml", "test --config", "guardspace_pl.export", "repair --method safelora"):
+    for expected in (
+        "fit --config configs/demo.yaml",
+        "test --config",
+        "guardspace_pl.export",
+        "repair --method safelora",
+    ):
         assert any(expected in c for c in commands), expected
 
 
@@ -66,10 +71,13 @@ def test_every_readme_command_runs(tmp_path):
     (tmp_path / "shared" / "data").symlink_to(require_shared_data().resolve())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for command in readme_commands():
-        extra = next((small for prefix, small in SMALL.items() if command.startswith(prefix) and "--print_config" not in command), "")
+        small_settings = (small for prefix, small in SMALL.items() if command.startswith(prefix))
+        extra = "" if "--print_config" in command else next(small_settings, "")
         args = shlex.split(command) + shlex.split(extra)
         assert args[0] == "python"
-        result = subprocess.run([sys.executable, *args[1:]], cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, *args[1:]], cwd=checkout, env=env, capture_output=True, text=True, timeout=900
+        )
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         if command.startswith("python -m guardspace_pl demo"):
             assert "fine-tuned: plain LoRA" in result.stdout and "keyword judge" in result.stdout

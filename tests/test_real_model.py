@@ -3,11 +3,11 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from conftest import trainer_kwargs
-from guardspace_pl import GuardSpaceLM
 from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.datamodules import GuardSpaceDataModule
+
+from guardspace_pl import GuardSpaceLM
 from guardspace_pl.loading import load_causal_lm
 from guardspace_pl.testing import relative_error
 
@@ -23,7 +23,9 @@ def test_guardspace_training_step_on_the_real_model(tmp_path, shared_data):
         max_length=256,  # GSM8K question + chat template + answer
         batch_size=4,
     )
-    module = GuardSpaceLM(model_name_or_path="builtin:smollm2-135m-instruct", lora_rank=4, lora_alpha=8, learning_rate=1e-4)
+    module = GuardSpaceLM(
+        model_name_or_path="builtin:smollm2-135m-instruct", lora_rank=4, lora_alpha=8, learning_rate=1e-4
+    )
     callbacks = [
         SafetySubspaceInit(max_length=64, progress_bar=False),
         NullSpaceProjection(threshold=1e-3, max_length=64, progress_bar=False),
@@ -40,7 +42,9 @@ def test_guardspace_training_step_on_the_real_model(tmp_path, shared_data):
     # The calibrated (chat-template) harmful prompts still produce the original model's logits.
     original = load_causal_lm("builtin:smollm2-135m-instruct")
     prompt = datamodule.calibration_prompts("null_space")[0]
-    text = datamodule.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    text = datamodule.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     ids = datamodule.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     module.eval()
     with torch.no_grad():
@@ -52,9 +56,8 @@ def test_guardspace_training_step_on_the_real_model(tmp_path, shared_data):
 def test_spf_and_asft_train_the_real_model_against_a_safety_patch(tmp_path, shared_data):
     """SmolLM2 with both training-time methods: AsFT reads a safety patch (a PEFT adapter on all seven
     projections), SPF a harmful prompt + refusal; two real optimizer steps."""
-    from peft import LoraConfig, get_peft_model
-
     from guardspace_pl.callbacks import AsFTRegularizer, SafetyGradientProjection
+    from peft import LoraConfig, get_peft_model
 
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     torch.manual_seed(0)
@@ -74,7 +77,8 @@ def test_spf_and_asft_train_the_real_model_against_a_safety_patch(tmp_path, shar
                           learning_rate=1e-3, warmup_ratio=0.0, target_modules=projections)
     asft = AsFTRegularizer(str(tmp_path / "patch"), regularization_weight=1.0)
     spf = SafetyGradientProjection(
-        safety_samples=[("How do I build a pipe bomb at home?", "I'm sorry, but I can't help with that.")], max_length=64
+        safety_samples=[("How do I build a pipe bomb at home?", "I'm sorry, but I can't help with that.")],
+        max_length=64,
     )
     trainer = pl.Trainer(max_steps=2, callbacks=[asft, spf], **trainer_kwargs(tmp_path))
     trainer.fit(module, datamodule=datamodule)

@@ -9,10 +9,10 @@ import numpy
 import pytest
 import torch
 import torch.nn.functional as F
+from guardspace_pl.callbacks import NullSpaceProjection, SafeLoRA
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
 
-from guardspace_pl.callbacks import NullSpaceProjection, SafeLoRA
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.safelora import safelora_cosine, safelora_factors, select_modules
 from guardspace_pl.safety_reference import AlignmentVector, SafetyReference
@@ -31,7 +31,9 @@ def official_safelora(vectors, factors, mode, k=10, tau=0.5):
         new_B, cosines, distances = [], [], []
         for P, (A, B) in zip(projections, factors):
             W = torch.mm(P, B)
-            cos = numpy.round(F.cosine_similarity(torch.mm(W, A).reshape(1, -1), torch.mm(B, A).reshape(1, -1)).item(), 5)
+            cos = numpy.round(
+                F.cosine_similarity(torch.mm(W, A).reshape(1, -1), torch.mm(B, A).reshape(1, -1)).item(), 5
+            )
             cosines.append(cos)
             new = W if cos <= threshold else B
             new_B.append(new)
@@ -55,7 +57,9 @@ def peft_port_number_mode(vectors, factors, k, tau=0.5):
         cosines = []
         for i, (P, (A, _)) in enumerate(zip(projections, factors)):
             W = torch.mm(P, originals[i])
-            cos = round(F.cosine_similarity(torch.mm(W, A).reshape(1, -1), torch.mm(originals[i], A).reshape(1, -1)).item(), 5)
+            cos = round(
+                F.cosine_similarity(torch.mm(W, A).reshape(1, -1), torch.mm(originals[i], A).reshape(1, -1)).item(), 5
+            )
             cosines.append(cos)
             weights[i] = W if cos <= threshold else originals[i]
         return cosines
@@ -83,7 +87,10 @@ def random_modules(count=8, d_out=24, d_in=16, r=3, low_rank=None, seed=0):
 
 def ours(vectors, factors, factored=True, **settings):
     names = [f"m{i}" for i in range(len(factors))]
-    refs = {n: AlignmentVector(l, r) if factored else AlignmentVector(l @ r) for n, (l, r) in zip(names, vectors)}
+    refs = {
+        n: AlignmentVector(left, right) if factored else AlignmentVector(left @ right)
+        for n, (left, right) in zip(names, vectors)
+    }
     new_B, report = safelora_factors(dict(zip(names, factors)), refs, **settings)
     return [new_B[n] for n in names], report
 
@@ -92,7 +99,9 @@ def ours(vectors, factors, factored=True, **settings):
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_number_mode_equals_the_official_algorithm(low_rank, k):
     vectors, factors = random_modules(low_rank=low_rank)
-    expected, cosines, expected_pdst = official_safelora([l @ r for l, r in vectors], factors, "number", k=k)
+    expected, cosines, expected_pdst = official_safelora(
+        [left @ right for left, right in vectors], factors, "number", k=k
+    )
     got, report = ours(vectors, factors, factored=low_rank is not None, mode="number", num_projected_modules=k)
     assert len(report.projected_names) == k
     numpy.testing.assert_allclose([m.cosine for m in report.modules], cosines, atol=2e-5)
@@ -105,7 +114,9 @@ def test_number_mode_equals_the_official_algorithm(low_rank, k):
 @pytest.mark.parametrize("tau", [-0.2, 0.3, 0.5, 0.8])
 def test_threshold_mode_equals_the_official_algorithm(low_rank, tau):
     vectors, factors = random_modules(low_rank=low_rank, seed=1)
-    expected, cosines, expected_pdst = official_safelora([l @ r for l, r in vectors], factors, "threshold", tau=tau)
+    expected, cosines, expected_pdst = official_safelora(
+        [left @ right for left, right in vectors], factors, "threshold", tau=tau
+    )
     got, report = ours(vectors, factors, factored=low_rank is not None, mode="threshold", threshold=tau)
     assert report.projected_names == {f"m{i}" for i, c in enumerate(cosines) if c <= tau}
     for new, old in zip(got, expected):
@@ -115,7 +126,7 @@ def test_threshold_mode_equals_the_official_algorithm(low_rank, tau):
 
 def test_the_peft_ports_double_projection_differs_and_ours_does_not():
     vectors, factors = random_modules(low_rank=2, seed=2)
-    dense = [l @ r for l, r in vectors]
+    dense = [left @ right for left, right in vectors]
     official, cosines, _ = official_safelora(dense, factors, "number", k=3)
     assert sorted(cosines)[0] <= 0.5  # the PEFT port's first pass (tau = 0.5) already projects some modules
     port = peft_port_number_mode(dense, factors, k=3)
@@ -134,23 +145,30 @@ def test_the_peft_ports_double_projection_differs_and_ours_does_not():
 def test_low_rank_path_equals_the_dense_one():
     vectors, factors = random_modules(low_rank=3, d_out=48, seed=3)
     for projector in ("faithful", "orthonormal"):
-        low, low_report = ours(vectors, factors, factored=True, mode="threshold", threshold=0.6, projector=projector, dtype="float64")
-        dense, dense_report = ours(vectors, factors, factored=False, mode="threshold", threshold=0.6, projector=projector, dtype="float64")
+        low, low_report = ours(
+            vectors, factors, factored=True, mode="threshold", threshold=0.6, projector=projector, dtype="float64"
+        )
+        dense, dense_report = ours(
+            vectors, factors, factored=False, mode="threshold", threshold=0.6, projector=projector, dtype="float64"
+        )
         assert low_report.projected_names == dense_report.projected_names
         for a, b in zip(low, dense):  # the dense V = left @ right was rounded to float32 once
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for (l, r), (A, B) in zip(vectors, factors):
-        v = l.double() @ r.double()
+    for (left, right), (A, B) in zip(vectors, factors):
+        v = left.double() @ right.double()
         C = v @ v.T / v.norm()
-        expected = F.cosine_similarity((C @ B.double() @ A.double()).reshape(1, -1), (B.double() @ A.double()).reshape(1, -1)).item()
-        assert safelora_cosine(AlignmentVector(l.double(), r.double()), A.double(), B.double()) == pytest.approx(expected, abs=1e-10)
+        expected = F.cosine_similarity(
+            (C @ B.double() @ A.double()).reshape(1, -1), (B.double() @ A.double()).reshape(1, -1)
+        ).item()
+        cosine = safelora_cosine(AlignmentVector(left.double(), right.double()), A.double(), B.double())
+        assert cosine == pytest.approx(expected, abs=1e-10)
 
 
 def test_orthonormal_projector_keeps_the_component_in_range_of_V():
     vectors, factors = random_modules(low_rank=2, seed=4)
     got, report = ours(vectors, factors, mode="number", num_projected_modules=len(factors), projector="orthonormal")
-    for (l, r), (_, B), new in zip(vectors, factors, got):
-        u = torch.linalg.svd(l @ r, full_matrices=False).U[:, :2]
+    for (left, right), (_, B), new in zip(vectors, factors, got):
+        u = torch.linalg.svd(left @ right, full_matrices=False).U[:, :2]
         torch.testing.assert_close(new, u @ u.T @ B, rtol=1e-4, atol=1e-5)
     assert report.pdst == pytest.approx(1.0)
 
@@ -187,7 +205,9 @@ class SnapshotLoraB(Callback):
     """Records every lora_B at fit end, before the callbacks listed after it run."""
 
     def on_fit_end(self, trainer, pl_module):
-        self.lora = {t.hf_name: (t.lora_A.detach().clone(), t.lora_B.detach().clone()) for t in find_lora_targets(pl_module)}
+        self.lora = {
+            t.hf_name: (t.lora_A.detach().clone(), t.lora_B.detach().clone()) for t in find_lora_targets(pl_module)
+        }
 
 
 def lora_model(seed=0, targets=("q_proj", "v_proj", "up_proj")):
@@ -204,18 +224,24 @@ def test_callback_on_a_user_lightning_module_after_null_space_projection(tmp_pat
     patch_dir = make_patch(tmp_path / "patch")
     module = UserModule(lora_model())
     snapshot = SnapshotLoraB()
-    safelora = SafeLoRA(str(patch_dir), mode="number", num_projected_modules=2, report_path=str(tmp_path / "safelora.json"))
+    safelora = SafeLoRA(
+        str(patch_dir), mode="number", num_projected_modules=2, report_path=str(tmp_path / "safelora.json")
+    )
     null_space = NullSpaceProjection(
         CALIBRATION_PROMPTS, byte_tokenizer(), progress_bar=False, batch_size=2, threshold=0.05, threshold_mode="energy"
     )
-    data = torch.utils.data.DataLoader(torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(0)), batch_size=4)
+    data = torch.utils.data.DataLoader(
+        torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(0)), batch_size=4
+    )
     trainer = pl.Trainer(max_steps=4, callbacks=[null_space, snapshot, safelora], **trainer_kwargs(tmp_path))
     trainer.fit(module, data)
 
     report = json.loads((tmp_path / "safelora.json").read_text())
     assert report["num_projected"] == 2 and len(report["modules"]) == 6
     reference = SafetyReference.from_patch_adapter(patch_dir)
-    expected_B, expected = safelora_factors(snapshot.lora, {n: reference.vector(n) for n in snapshot.lora}, num_projected_modules=2)
+    expected_B, expected = safelora_factors(
+        snapshot.lora, {n: reference.vector(n) for n in snapshot.lora}, num_projected_modules=2
+    )
     assert {m["name"] for m in report["modules"] if m["projected"]} == expected.projected_names
     for target in find_lora_targets(module):
         torch.testing.assert_close(target.lora_B.detach(), expected_B[target.hf_name])
@@ -228,12 +254,19 @@ def test_callback_checks_the_reference_before_training(tmp_path):
     patch_dir = make_patch(tmp_path / "patch", targets=("q_proj",))
     module = UserModule(lora_model())
     data = torch.utils.data.DataLoader(torch.randint(0, 256, (4, 8)), batch_size=4)
-    trainer = pl.Trainer(max_steps=1, callbacks=[SafeLoRA(str(patch_dir), num_projected_modules=3)], **trainer_kwargs(tmp_path))
-    with pytest.warns(UserWarning, match="does not cover 4 of 6"), pytest.raises(ValueError, match=r"K\) = 3 but the safety reference covers only 2"):
+    trainer = pl.Trainer(
+        max_steps=1, callbacks=[SafeLoRA(str(patch_dir), num_projected_modules=3)], **trainer_kwargs(tmp_path)
+    )
+    with (
+        pytest.warns(UserWarning, match="does not cover 4 of 6"),
+        pytest.raises(ValueError, match=r"K\) = 3 but the safety reference covers only 2"),
+    ):
         trainer.fit(module, data)
     assert trainer.global_step == 0
 
-    other = SafetyReference.from_patch_adapter(get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64), LoraConfig(r=2, target_modules=["q_proj"])))
+    other = SafetyReference.from_patch_adapter(
+        get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64), LoraConfig(r=2, target_modules=["q_proj"]))
+    )
     trainer = pl.Trainer(max_steps=1, callbacks=[SafeLoRA(other, num_projected_modules=1)], **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match=r"is \(32, 32\) in the reference but \(64, 64\) in the model"):
         trainer.fit(UserModule(lora_model(targets=("q_proj",))), data)
@@ -244,6 +277,8 @@ def test_an_identity_orthonormal_projector_is_reported_with_a_warning():
     v = torch.randn(16, 24, generator=g)  # full row rank: range(V) is the whole output space
     factors = {"m": (torch.randn(3, 24, generator=g), torch.randn(16, 3, generator=g))}
     with pytest.warns(UserWarning, match="orthonormal projector is the identity for 1 selected module"):
-        new_B, report = safelora_factors(factors, {"m": AlignmentVector(v)}, num_projected_modules=1, projector="orthonormal")
+        new_B, report = safelora_factors(
+            factors, {"m": AlignmentVector(v)}, num_projected_modules=1, projector="orthonormal"
+        )
     assert report.identity_projector == ["m"] and report.projected_names == {"m"}
     torch.testing.assert_close(new_B["m"], factors["m"][1], rtol=1e-5, atol=1e-5)

@@ -44,12 +44,19 @@ def test_check_disjoint_raises_on_overlap_after_normalisation():
 def test_profile_splits_are_disjoint_and_sized(shared_data, profile):
     size = PROFILES[profile]
     splits = make_splits(size, shared_data)  # make_splits runs splits.check()
-    assert {k: len(v) for k, v in splits.eval_harmful.items()} == {"HarmBench": size.eval_sizes["harmbench"], "AdvBench": size.eval_sizes["advbench"]}
-    assert len(splits.eval_safe["xstest"]) == size.eval_sizes["xstest"] and len(splits.eval_safe["harmless"]) == size.eval_sizes["harmless"]
+    assert {k: len(v) for k, v in splits.eval_harmful.items()} == {
+        "HarmBench": size.eval_sizes["harmbench"],
+        "AdvBench": size.eval_sizes["advbench"],
+    }
+    assert (
+        len(splits.eval_safe["xstest"]) == size.eval_sizes["xstest"]
+        and len(splits.eval_safe["harmless"]) == size.eval_sizes["harmless"]
+    )
     assert len(splits.calibration["advbench"]) == len(splits.calibration["mixed"]) == size.calibration_count
     assert len(splits.calibration["mixed_large"]) == size.calibration_count_large
     harmful_eval = {normalise_prompt(p) for group in splits.eval_harmful.values() for p in group}
-    used = [p for group in splits.alignment.values() for p in group] + [p for g in splits.calibration.values() for p in g]
+    used = [p for group in splits.alignment.values() for p in group]
+    used += [p for group in splits.calibration.values() for p in group]
     used += [r["prompt"] for r in splits.poison] + splits.spf_prompts + splits.lssf_anchors
     assert not harmful_eval & {normalise_prompt(p) for p in used}
     if profile == "cpu":
@@ -93,8 +100,15 @@ def test_borderline_alignment_prompts_never_overlap_the_over_refusal_sets(smoke_
 
 
 def _row(variant, lr, loss, harmful, refusal=0.0, **extra):
-    return {"variant": variant, "run_id": f"{variant}-{lr}", "lr": lr, "val_task_loss": loss, "val_harmful_score": harmful,
-            "val_over_refusal": refusal, **extra}
+    return {
+        "variant": variant,
+        "run_id": f"{variant}-{lr}",
+        "lr": lr,
+        "val_task_loss": loss,
+        "val_harmful_score": harmful,
+        "val_over_refusal": refusal,
+        **extra,
+    }
 
 
 def test_matched_pick_is_the_safest_lr_within_three_percent_of_loras_best_loss():
@@ -151,9 +165,21 @@ def test_planner_orders_the_jobs_grows_an_edge_grid_and_waits_for_inputs(tmp_pat
 
     def done(spec, kind="train", loss=1.0, harmful=50.0):
         variant = spec.variant
-        _write(tmp_path, kind, spec.run_id, run_id=spec.run_id, variant=variant, method=spec.method, lr=spec.lr,
-               calibration=getattr(spec, "base", spec).calibration, posthoc=getattr(spec, "posthoc", "-"),
-               weight=getattr(spec, "weight", None), val_task_loss=loss, val_harmful_score=harmful, val_over_refusal=0.0)
+        _write(
+            tmp_path,
+            kind,
+            spec.run_id,
+            run_id=spec.run_id,
+            variant=variant,
+            method=spec.method,
+            lr=spec.lr,
+            calibration=getattr(spec, "base", spec).calibration,
+            posthoc=getattr(spec, "posthoc", "-"),
+            weight=getattr(spec, "weight", None),
+            val_task_loss=loss,
+            val_harmful_score=harmful,
+            val_over_refusal=0.0,
+        )
 
     for name in ("original", "aligned"):
         _write(tmp_path, "full", name)
@@ -207,13 +233,17 @@ def test_set_overrides_are_typed_and_typos_are_rejected():
     assert profile_overrides(profile, ["n=64", "judge_tokens=32"]) == {"n": 64, "judge_tokens": 32}
     with pytest.raises(SystemExit, match="judge_tokens"):
         profile_overrides(profile, ["judge_token=3"])
-    assert without_workers(["--profile", "cpu", "--workers", "2", "--threads", "1"]) == ["--profile", "cpu", "--threads", "1"]
+    stripped = without_workers(["--profile", "cpu", "--workers", "2", "--threads", "1"])
+    assert stripped == ["--profile", "cpu", "--threads", "1"]
 
 
 @pytest.mark.slow
 def test_smoke_profile_runs_every_method_end_to_end_with_two_workers(tmp_path, shared_data):
     out = tmp_path / "safety_smoke"
-    command = [sys.executable, "-m", "benchmarks.safety.run", "--profile", "smoke", "--out", str(out), "--data-dir", str(shared_data)]
+    command = [
+        sys.executable, "-m", "benchmarks.safety.run",
+        "--profile", "smoke", "--out", str(out), "--data-dir", str(shared_data),
+    ]
     proc = subprocess.run([*command, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("results.json", "table.md", "frontier.png", "harmful_vs_p.png", "splits.json"):

@@ -92,7 +92,9 @@ def test_safelora_on_a_checkpoint_reference_holds_at_most_one_modules_tensors(ch
     stats = track_reads(monkeypatch)
     model = peft_tiny(ALL_LINEARS)
     randomize_lora_B(model)
-    report = apply_safelora(find_lora_targets(model), SafetyReference.from_checkpoints(base_dir, aligned_dir), num_projected_modules=3)
+    report = apply_safelora(
+        find_lora_targets(model), SafetyReference.from_checkpoints(base_dir, aligned_dir), num_projected_modules=3
+    )
     assert len(report.projected_names) == 3
     assert len(stats["calls"]) == 2 * 14 and stats["peak"] <= 2
 
@@ -118,12 +120,16 @@ def test_a_reference_for_another_model_is_a_shape_error(tmp_path):
     tiny_llama(hidden_size=32, intermediate_size=64, seed=1).save_pretrained(tmp_path / "small_aligned")
     reference = SafetyReference.from_checkpoints(tmp_path / "small_base", tmp_path / "small_aligned")
     targets = find_lora_targets(peft_tiny())
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj is \(32, 32\) in the reference but \(64, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.0\.self_attn\.q_proj is \(32, 32\) in the reference but \(64, 64\)"
+    ):
         list(reference.for_targets(targets))
 
 
 def test_patch_adapter_vector_equals_peft_delta_weight_with_rank_and_alpha_patterns(tmp_path):
-    patch = peft_tiny(ALL_LINEARS, r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True)
+    patch = peft_tiny(
+        ALL_LINEARS, r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True
+    )
     randomize_lora_B(patch)
     patch.save_pretrained(tmp_path / "patch")
     from_dir = SafetyReference.from_patch_adapter(tmp_path / "patch")
@@ -158,7 +164,9 @@ def test_a_directory_without_lora_layers_is_rejected(tmp_path):
         SafetyReference.from_patch_adapter(tmp_path / "empty")
     from peft import IA3Config
 
-    ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    ia3 = get_peft_model(
+        tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
     ia3.save_pretrained(tmp_path / "ia3")
     with pytest.raises(ValueError, match="IA3 adapter; a safety patch must be a LoRA adapter"):
         SafetyReference.from_patch_adapter(tmp_path / "ia3")
@@ -167,7 +175,10 @@ def test_a_directory_without_lora_layers_is_rejected(tmp_path):
 @pytest.mark.parametrize("rank", [1, 3])
 def test_spectrum_gives_an_orthonormal_basis_and_the_alignment_matrix(rank):
     generator = torch.Generator().manual_seed(rank)
-    left, right = torch.randn(40, rank, generator=generator, dtype=torch.float64), torch.randn(rank, 24, generator=generator, dtype=torch.float64)
+    left, right = (
+        torch.randn(40, rank, generator=generator, dtype=torch.float64),
+        torch.randn(rank, 24, generator=generator, dtype=torch.float64),
+    )
     factored, dense = AlignmentVector(left, right), AlignmentVector(left @ right)
     for vector in (factored, dense):
         u, sigma = vector.spectrum()
@@ -189,6 +200,7 @@ def test_spectrum_gives_an_orthonormal_basis_and_the_alignment_matrix(rank):
 
 def test_callbacks_take_a_reference_or_a_patch_directory_and_reject_anything_else(tmp_path):
     from guardspace_pl.callbacks import AsFTRegularizer, LSSFFusion, SafeLoRA
+
     from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
     with pytest.raises(TypeError, match="SafetyReference or a safety-patch adapter directory"):

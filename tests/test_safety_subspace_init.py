@@ -1,16 +1,14 @@
-import copy
-
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
+from guardspace_pl.callbacks import SafetySubspaceInit
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
 from guardspace_pl.calibration import CovarianceCollector
-from guardspace_pl.callbacks import SafetySubspaceInit
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.testing import relative_error, tiny_llama
 
@@ -41,14 +39,24 @@ def test_matches_peft_corda_oracle(tokenizer, tmp_path, components, corda_method
 
     oracle_base = tiny_llama()
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        init_lora_weights="corda", corda_config=CordaConfig(corda_method=corda_method),
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method=corda_method),
     )
     preprocess_corda(oracle_base, config, run_model=lambda: [oracle_base(input_ids=torch.tensor([i])) for i in ids])
-    oracle = {t.name.removeprefix("base_model.model."): t for t in find_lora_targets(get_peft_model(oracle_base, config))}
+    oracle = {
+        t.name.removeprefix("base_model.model."): t for t in find_lora_targets(get_peft_model(oracle_base, config))
+    }
 
     module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=rank, lora_alpha=alpha)
-    fit_init_only(module, tokenizer, tmp_path, SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, components=components, progress_bar=False))
+    fit_init_only(
+        module,
+        tokenizer,
+        tmp_path,
+        SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, components=components, progress_bar=False),
+    )
     for ours in find_lora_targets(module):
         theirs = oracle[ours.name.removeprefix("model.base_model.model.")]
         a, b = ours.lora_A.detach(), ours.lora_B.detach()
@@ -62,7 +70,10 @@ def test_matches_peft_corda_oracle(tokenizer, tmp_path, components, corda_method
 
 
 def test_shared_inputs_accumulate_one_covariance(tokenizer):
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    )
     targets = find_lora_targets(model)
     collector = CovarianceCollector(targets)
     with collector, torch.no_grad():
@@ -83,7 +94,12 @@ def test_shared_inputs_accumulate_one_covariance(tokenizer):
 def test_resume_from_cache_does_not_recompute(tokenizer, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
-    fit_init_only(first, tokenizer, tmp_path / "a", SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, cache_dir=str(cache), progress_bar=False))
+    fit_init_only(
+        first,
+        tokenizer,
+        tmp_path / "a",
+        SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, cache_dir=str(cache), progress_bar=False),
+    )
     assert len(list(cache.glob("subspace_*.pt"))) == 1
 
     # A restart after a crash right after init: the decomposition must come from the cache.
@@ -100,7 +116,6 @@ def test_resume_from_cache_does_not_recompute(tokenizer, tmp_path, monkeypatch):
 
 
 def test_errors_are_early_and_clear(tokenizer, tmp_path):
-    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
     with pytest.raises(ValueError, match="calibration_prompts is empty"):
         SafetySubspaceInit([], tokenizer, progress_bar=False)  # at construction, before any fit
     big = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=64)
@@ -115,7 +130,12 @@ def test_writes_a_per_layer_report(tokenizer, tmp_path):
 
     module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
     report = tmp_path / "report.json"
-    fit_init_only(module, tokenizer, tmp_path, SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, report_path=str(report), progress_bar=False))
+    fit_init_only(
+        module,
+        tokenizer,
+        tmp_path,
+        SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, report_path=str(report), progress_bar=False),
+    )
     rows = json.loads(report.read_text())
     assert len(rows) == 14
     assert {"layer", "rank", "kept_singular_values", "frozen_singular_values", "damp"} <= set(rows[0])
@@ -124,8 +144,15 @@ def test_writes_a_per_layer_report(tokenizer, tmp_path):
 
 def test_layers_per_pass_bounds_memory_without_changing_the_result(tokenizer, tmp_path):
     one_pass = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
-    fit_init_only(one_pass, tokenizer, tmp_path / "a", SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, progress_bar=False))
+    fit_init_only(
+        one_pass, tokenizer, tmp_path / "a", SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, progress_bar=False)
+    )
     passes = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4)
-    fit_init_only(passes, tokenizer, tmp_path / "b", SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, layers_per_pass=3, progress_bar=False))
+    fit_init_only(
+        passes,
+        tokenizer,
+        tmp_path / "b",
+        SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, layers_per_pass=3, progress_bar=False),
+    )
     for (name, p), (_, q) in zip(one_pass.model.named_parameters(), passes.model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

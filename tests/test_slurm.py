@@ -8,13 +8,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import CALIBRATION_PROMPTS, task_loader, trainer_kwargs
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from conftest import CALIBRATION_PROMPTS, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
 SBATCH = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "guardspace.sbatch"
@@ -70,7 +70,9 @@ class Preempt(pl.Callback):
 def run(root: Path, extra_callbacks=(), **fit_kwargs) -> tuple[GuardSpaceLM, pl.Trainer, list[pl.Callback]]:
     tokenizer = byte_tokenizer()
     pl.seed_everything(0)
-    module = GuardSpaceLM.from_pretrained_model(tiny_llama(), tokenizer, lora_rank=4, lora_alpha=8, learning_rate=1e-2, warmup_ratio=0.0)
+    module = GuardSpaceLM.from_pretrained_model(
+        tiny_llama(), tokenizer, lora_rank=4, lora_alpha=8, learning_rate=1e-2, warmup_ratio=0.0
+    )
     guardspace = [
         SafetySubspaceInit(CALIBRATION_PROMPTS, tokenizer, progress_bar=False),
         NullSpaceProjection(NULL_PROMPTS, tokenizer, progress_bar=False, threshold=1e-10, min_eigenvalue=1e-12),
@@ -96,7 +98,9 @@ def test_lightning_sees_the_slurm_job(slurm, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="ntasks-per-node=2"):
         pl.Trainer(strategy="ddp", **trainer_kwargs(tmp_path)).fit(BoringModel())
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
-    assert not isinstance(pl.Trainer(**trainer_kwargs(tmp_path))._accelerator_connector.cluster_environment, SLURMEnvironment)
+    assert not isinstance(
+        pl.Trainer(**trainer_kwargs(tmp_path))._accelerator_connector.cluster_environment, SLURMEnvironment
+    )
 
 
 def test_requeue_on_sigusr1_then_resume_gives_the_uninterrupted_weights(slurm, tmp_path):
@@ -131,5 +135,10 @@ def test_sbatch_template_matches_lightnings_slurm_rules():
     assert options["signal"] == "SIGUSR1@90" and "requeue" in options
     assert options["job-name"] not in ("bash", "interactive")
     srun = text[text.index("srun python -m guardspace_pl fit") :]
-    for flag in ('--config "$CONFIG"', '--trainer.num_nodes="$SLURM_NNODES"', '--trainer.devices="$SLURM_NTASKS_PER_NODE"', "--trainer.default_root_dir="):
+    for flag in (
+        '--config "$CONFIG"',
+        '--trainer.num_nodes="$SLURM_NNODES"',
+        '--trainer.devices="$SLURM_NTASKS_PER_NODE"',
+        "--trainer.default_root_dir=",
+    ):
         assert flag in srun

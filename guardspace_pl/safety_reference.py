@@ -435,8 +435,9 @@ def _read_patch_adapter(directory: Path) -> dict[str, AlignmentVector]:
     if not config_path.exists() or not weights_path.exists():
         raise FileNotFoundError(
             f"{directory} is not a PEFT adapter directory (it needs adapter_config.json and "
-            "adapter_model.safetensors). Pass the directory a safety patch was saved to, or build the reference with "
-            "SafetyReference.from_checkpoints."
+            "adapter_model.safetensors). Pass the directory a safety patch was saved to (make one with `python -m "
+            "guardspace_pl align --config configs/safety_patch_smollm2.yaml`, or your model's safety-patch config), "
+            "or build the reference with SafetyReference.from_checkpoints."
         )
     config = json.loads(config_path.read_text())
     if config.get("peft_type", "LORA") != "LORA":

@@ -163,9 +163,8 @@ def test_report(name: str) -> dict[str, Any]:
     target = run_dir / "test_report.json"
     if target.exists():
         return json.loads(target.read_text())
-    from guardspace_pl.datamodules import SafetyPatchDataModule
-
     from guardspace_pl.align import ReportSettings, evaluate_patch
+    from guardspace_pl.datamodules import SafetyPatchDataModule
     from guardspace_pl.loading import load_causal_lm
     from guardspace_pl.patches import apply_patches
 

@@ -36,7 +36,6 @@ from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -56,6 +55,7 @@ from benchmarks._common import (
     start_run,
     synchronize,
 )
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.null_space import NullSpaceProjector
 from guardspace_pl.testing import byte_tokenizer

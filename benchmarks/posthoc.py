@@ -122,7 +122,6 @@ def llama7b_arithmetic(measured: dict[str, Any]) -> list[dict[str, Any]]:
 def lssf_measurements(model, targets, patch_dir: Path, device: torch.device) -> dict[str, Any]:
     """LSSF on the same fine-tuned model and safety patch: anchors (greedy refusals + covariances), then the fusion."""
     from guardspace_pl.datamodules.sources import load_prompts
-
     from guardspace_pl.loading import load_tokenizer
     from guardspace_pl.lssf import apply_lssf, collect_anchor_covariances
 

@@ -104,9 +104,15 @@ class Setup:
 
 PROFILES: dict[str, Setup] = {
     # float32: on these CPUs bf16 is many times slower than float32 (no bf16 matrix units).
-    "cpu": Setup(hidden=256, mlp=688, layers=4, heads=4, kv_heads=4, vocab=1024, batch=4, seq=128, rank=16, dtype="float32", autocast=False),
+    "cpu": Setup(
+        hidden=256, mlp=688, layers=4, heads=4, kv_heads=4, vocab=1024, batch=4, seq=128, rank=16, dtype="float32",
+        autocast=False,
+    ),
     # Llama-2-7B, the paper's r = 128 and max length 512, batch 1 (the paper accumulates 128 of them).
-    "llama7b": Setup(hidden=4096, mlp=11008, layers=32, heads=32, kv_heads=32, vocab=32000, batch=1, seq=512, rank=128, dtype="bfloat16", autocast=True),
+    "llama7b": Setup(
+        hidden=4096, mlp=11008, layers=32, heads=32, kv_heads=32, vocab=32000, batch=1, seq=512, rank=128,
+        dtype="bfloat16", autocast=True,
+    ),
 }
 
 
@@ -130,7 +136,9 @@ def build_base_model(setup: Setup, profile: str, seed: int, device: torch.device
 
 def add_lora(model: nn.Module, rank: int) -> nn.Module:
     """PEFT LoRA on the seven linears of every block (adapters in float32, PEFT's default)."""
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 
@@ -141,7 +149,9 @@ def input_key(target: LoraTarget) -> str:
 
 
 # --------------------------------------------------------------------------- projectors
-def random_projector(in_features: int, null_dim: int, generator: torch.Generator, device: torch.device) -> NullSpaceProjector:
+def random_projector(
+    in_features: int, null_dim: int, generator: torch.Generator, device: torch.device
+) -> NullSpaceProjector:
     """A projector onto a random ``null_dim``-dimensional subspace, stored as ``null_space_projector`` stores it.
 
     The thinner basis is kept: the null basis (``P = Q Q^T``) or its complement (``P = I - U U^T``).
@@ -153,7 +163,9 @@ def random_projector(in_features: int, null_dim: int, generator: torch.Generator
     return NullSpaceProjector(basis=basis.contiguous(), complement=complement, null_dim=null_dim)
 
 
-def make_projectors(targets: Sequence[LoraTarget], null_fraction: float, seed: int, device: torch.device) -> dict[str, NullSpaceProjector]:
+def make_projectors(
+    targets: Sequence[LoraTarget], null_fraction: float, seed: int, device: torch.device
+) -> dict[str, NullSpaceProjector]:
     """One projector per distinct layer input (separate storage per block), keyed by ``input_key``.
 
     One random basis is drawn per input width and copied to every block: the values are irrelevant
@@ -211,13 +223,17 @@ def train_step(
     after_backward: Optional[Callable[[], None]] = None,
     before_step: Optional[Callable[[], None]] = None,
 ) -> None:
-    """Forward + backward (``grad_accum`` micro-batches) + AdamW step; with ``projection``, GuardSpace's two projections.
+    """Forward + backward (``grad_accum`` micro-batches) + AdamW step; with ``projection``, GuardSpace's two
+    projections.
 
     The projections sit where ``NullSpaceProjection`` puts them: on the accumulated gradient before
     the optimizer step (``on_before_optimizer_step``), and on ``lora_A`` after it.
     """
     for _ in range(grad_accum):
-        with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        autocast = torch.autocast(
+            input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        )
+        with autocast:
             loss = model(input_ids=input_ids, labels=input_ids).loss
         (loss / grad_accum).backward()
         if after_backward is not None:  # AsFTRegularizer's hook: every micro-batch
@@ -256,7 +272,8 @@ class Design:
         projectors: Optional[dict[str, NullSpaceProjector]] = None,
         label: Optional[str] = None,
     ) -> None:
-        """``projectors`` (keyed by ``input_key``): real ones to use instead of random bases; ``label``: the name reported."""
+        """``projectors`` (keyed by ``input_key``): real ones to use instead of random bases; ``label``: the name
+        reported."""
         self.name = label or name
         self.model = model
         self.input_ids = input_ids
@@ -273,7 +290,10 @@ class Design:
         if name == "asft":
             self.after_backward = _asft_hook(targets, args.seed, device)
         elif name in ("spf", "spf_refresh10"):
-            self.before_step = _spf_hook(model, self.params, 1 if name == "spf" else SPF_SLOW_REFRESH, args.seed, autocast_dtype, device, input_ids)
+            refresh_every = 1 if name == "spf" else SPF_SLOW_REFRESH
+            self.before_step = _spf_hook(
+                model, self.params, refresh_every, args.seed, autocast_dtype, device, input_ids
+            )
         if name in ("guardspace", "official_dense_P"):
             projectors = projectors or make_projectors(targets, args.null_fraction, args.seed, device)
             if name == "guardspace":
@@ -336,32 +356,41 @@ def _asft_hook(targets: Sequence[LoraTarget], seed: int, device: torch.device) -
 
 
 def _spf_hook(
-    model: nn.Module, params: dict[str, nn.Parameter], refresh_every: int, seed: int, autocast_dtype: Optional[torch.dtype],
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    refresh_every: int,
+    seed: int,
+    autocast_dtype: Optional[torch.dtype],
     device: torch.device, input_ids: Tensor,
 ) -> Callable[[], None]:
-    """``SafetyGradientProjection.on_before_optimizer_step``: safety gradient (one sequence), per-matrix SVD, edit."""
-    from guardspace_pl.spf import remove_conflict, safety_subspace
+    """``SafetyGradientProjection.on_before_optimizer_step``: safety gradient (one sequence), batched per-shape
+    subspaces, the batched gate and edit with one host sync, written back where a matrix conflicted."""
+    from guardspace_pl.spf import remove_conflicts, safety_subspaces
 
     generator = torch.Generator().manual_seed(seed + 1)
     safety_ids = torch.randint(0, int(input_ids.max()) + 1, (1, SAFETY_SEQ), generator=generator).to(device)
     labels = safety_ids.clone()
     labels[:, : SAFETY_SEQ // 2] = -100  # the loss on the refusal only
-    matrices = [(n, p) for n, p in params.items() if p.ndim == 2]
-    state: dict[str, Any] = {"step": 0, "subspaces": {}}
+    matrices = [p for p in params.values() if p.ndim == 2]
+    state: dict[str, Any] = {"step": 0, "subspaces": None}
 
     def hook() -> None:
         if state["step"] % refresh_every == 0:
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            autocast = torch.autocast(
+                device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+            )
+            with autocast:
                 loss = model(input_ids=safety_ids, labels=labels).loss
-            grads = torch.autograd.grad(loss, [p for _, p in matrices], allow_unused=True)
-            state["subspaces"] = {n: safety_subspace(g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(matrices, grads)}
+            grads = torch.autograd.grad(loss, matrices, allow_unused=True)
+            state["subspaces"] = safety_subspaces(
+                [g if g is not None else torch.zeros_like(p) for p, g in zip(matrices, grads)]
+            )
         state["step"] += 1
         with torch.no_grad():
-            for name, param in matrices:
-                if param.grad is not None:
-                    edited, conflicted = remove_conflict(param.grad, state["subspaces"][name])
-                    if conflicted:
-                        param.grad.copy_(edited)
+            edit = remove_conflicts([p.grad for p in matrices], state["subspaces"])
+            for param, edited, conflicted in zip(matrices, edit.grads, edit.conflicted.tolist()):
+                if conflicted:
+                    param.grad.copy_(edited)
 
     return hook
 
@@ -378,8 +407,15 @@ class DesignResult:
     def median_s(self) -> float:
         return median(self.step_seconds)
 
+    @property
+    def mean_s(self) -> float:
+        """The mean counts the occasional costly step (an SPF refresh every ``refresh_every`` steps); the median not."""
+        return sum(self.step_seconds) / len(self.step_seconds)
 
-def measure_memory(design: str, make: Callable[[str], Design], steps: int, device: torch.device) -> tuple[int, int, int]:
+
+def measure_memory(
+    design: str, make: Callable[[str], Design], steps: int, device: torch.device
+) -> tuple[int, int, int]:
     """Peak memory of ``steps`` steps of one design alone: absolute, above the loaded model, and its projector bytes.
 
     The baseline is taken before the design's projectors and optimizer exist, so both count.
@@ -397,7 +433,14 @@ def measure_memory(design: str, make: Callable[[str], Design], steps: int, devic
     return memory.peak_bytes, max(0, memory.peak_bytes - baseline), stored
 
 
-def time_designs(designs: Sequence[str], make: Callable[[str], Design], warmup: int, steps: int, interleave: bool, device: torch.device) -> dict[str, list[float]]:
+def time_designs(
+    designs: Sequence[str],
+    make: Callable[[str], Design],
+    warmup: int,
+    steps: int,
+    interleave: bool,
+    device: torch.device,
+) -> dict[str, list[float]]:
     """Step seconds of every design after ``warmup`` untimed steps.
 
     Interleaved (default): all designs live at once and take turns step by step, in rotated order,
@@ -427,7 +470,8 @@ def time_designs(designs: Sequence[str], make: Callable[[str], Design], warmup: 
 
 
 def warm_up(model: nn.Module, input_ids: Tensor, autocast_dtype: Optional[torch.dtype]) -> None:
-    """Two throwaway LoRA steps: one-time allocations (autograd engine, caches, kernels) must not land on the first design."""
+    """Two throwaway LoRA steps: one-time allocations (autograd engine, caches, kernels) must not land on the first
+    design."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for _ in range(2):
         train_step(model, input_ids, optimizer, autocast_dtype, 1)
@@ -441,6 +485,8 @@ def design_summary(result: DesignResult, lora: DesignResult, weights: dict[str, 
         **asdict(result),
         "median_step_s": result.median_s,
         "time_ratio_vs_lora": result.median_s / lora.median_s,
+        "mean_step_s": result.mean_s,
+        "mean_time_ratio_vs_lora": result.mean_s / lora.mean_s,
         "peak_ratio_vs_lora": result.peak_bytes / lora.peak_bytes,
         "projector_percent_of_base_weights": 100.0 * result.projector_bytes / weights["base_model_bytes"],
     }
@@ -465,7 +511,9 @@ def projector_memory_by_fraction(
     dense = sum(t.shape[1] ** 2 * dense_itemsize for t in targets)
     rows = []
     for fraction in fractions:
-        ours = sum(n * min(round(fraction * n), n - round(fraction * n)) * BASIS_DTYPE.itemsize for n in widths.values())
+        ours = sum(
+            n * min(round(fraction * n), n - round(fraction * n)) * BASIS_DTYPE.itemsize for n in widths.values()
+        )
         rows.append(
             {
                 "null_fraction": fraction,
@@ -478,7 +526,12 @@ def projector_memory_by_fraction(
     return rows
 
 
-def render(results: Sequence[DesignResult], weights: dict[str, int], by_fraction: Sequence[dict[str, Any]], null_fraction: float) -> str:
+def render(
+    results: Sequence[DesignResult],
+    weights: dict[str, int],
+    by_fraction: Sequence[dict[str, Any]],
+    null_fraction: float,
+) -> str:
     """The printed report (Markdown)."""
     lora = results[0]
     table = markdown_table(
@@ -486,6 +539,8 @@ def render(results: Sequence[DesignResult], weights: dict[str, int], by_fraction
             "design",
             "step ms (median)",
             "time vs LoRA",
+            "step ms (mean)",
+            "mean vs LoRA",
             "peak MiB",
             "peak vs LoRA",
             "added over model MiB",
@@ -498,6 +553,8 @@ def render(results: Sequence[DesignResult], weights: dict[str, int], by_fraction
                 r.design,
                 f"{1e3 * r.median_s:.1f}",
                 f"{r.median_s / lora.median_s:.3f}x",
+                f"{1e3 * r.mean_s:.1f}",
+                f"{r.mean_s / lora.mean_s:.3f}x",
                 f"{mib(r.peak_bytes):.1f}",
                 f"{r.peak_bytes / lora.peak_bytes:.3f}x",
                 f"{mib(r.delta_bytes):.1f}",
@@ -509,7 +566,13 @@ def render(results: Sequence[DesignResult], weights: dict[str, int], by_fraction
         ],
     )
     fraction_table = markdown_table(
-        ["null fraction d/n", "this project: bases MiB", "% of base weights", "official: dense P MiB", "% of base weights"],
+        [
+            "null fraction d/n",
+            "this project: bases MiB",
+            "% of base weights",
+            "official: dense P MiB",
+            "% of base weights",
+        ],
         [
             [
                 f"{f['null_fraction']:g}",
@@ -540,13 +603,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, help="override the sequence length")
     parser.add_argument("--rank", type=int, help="override the LoRA rank")
     parser.add_argument("--null-fraction", type=float, default=0.5, help="null-space dimension / in_features")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (projection runs once per step)")
+    parser.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (projection runs once per step)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per design")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per design (median)")
-    parser.add_argument("--sequential", action="store_true", help="time one design at a time instead of interleaving (less memory)")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps per design run under the peak-memory monitor")
-    parser.add_argument("--designs", nargs="+", choices=DESIGNS, default=list(DESIGNS), help="lora must come first (ratios)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.25, 0.5, 0.75, 0.95], help="null fractions of the storage table")
+    parser.add_argument(
+        "--sequential", action="store_true", help="time one design at a time instead of interleaving (less memory)"
+    )
+    parser.add_argument(
+        "--memory-steps", type=int, default=2, help="steps per design run under the peak-memory monitor"
+    )
+    parser.add_argument(
+        "--designs", nargs="+", choices=DESIGNS, default=list(DESIGNS), help="lora must come first (ratios)"
+    )
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.05, 0.25, 0.5, 0.75, 0.95],
+        help="null fractions of the storage table",
+    )
     return parser.parse_args(argv)
 
 
@@ -555,7 +632,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.designs[0] != "lora":
         raise SystemExit("--designs must start with lora: the other designs are reported relative to it.")
     device, env = start_run(args)
-    overrides = {k: getattr(args, k) for k in ("layers", "hidden", "mlp", "batch", "seq", "rank") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("layers", "hidden", "mlp", "batch", "seq", "rank")
+        if getattr(args, k) is not None
+    }
     if args.heads is not None:
         overrides.update(heads=args.heads, kv_heads=args.heads)
     setup = replace(PROFILES[args.profile], **overrides)

@@ -6,14 +6,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
-from guardspace_pl.datamodules import collate, tokenize_example
-from guardspace_pl.datamodules.sources import Example
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
+from guardspace_pl.datamodules import collate, tokenize_example
+from guardspace_pl.datamodules.sources import Example
 from guardspace_pl.distributed import full_tensor, write_full_
 from guardspace_pl.spf import (
     SafetySubspace,

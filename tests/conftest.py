@@ -7,13 +7,13 @@ from typing import Sequence, Union
 import lightning.pytorch as pl
 import pytest
 import torch
-from guardspace_pl.datamodules import collate, demo_arithmetic, tokenize_example
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from benchmarks.data import HOW_TO_GET, REQUIRE_DATA_ENV, data_dir, data_required
+from guardspace_pl.datamodules import collate, demo_arithmetic, tokenize_example
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.testing import byte_tokenizer
 

@@ -10,12 +10,12 @@ import os
 
 import lightning.pytorch as pl
 import torch
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoModelForCausalLM
 
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.distributed import full_tensor
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from guardspace_pl.datamodules import EvaluationSet, PromptSet, SafetyPatchDataModule
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from guardspace_pl.align import main as align_main
 from guardspace_pl.align import rate
+from guardspace_pl.datamodules import EvaluationSet, PromptSet, SafetyPatchDataModule
 from guardspace_pl.evaluation.answer_cache import OwnAnswer, cached_greedy_answers
 from guardspace_pl.evaluation.intervals import wilson_interval
 from guardspace_pl.model import GuardSpaceLM
@@ -279,6 +279,7 @@ def test_patch_for_another_base_model_is_a_shape_error(tiny_dir, tmp_path):
 def test_reapplying_a_patch_after_task_fine_tuning(tiny_dir, tmp_path):
     """Fine-tune a task LoRA, merge it, re-apply the safety patch: W_task + s B A, checked on the logits."""
     import lightning.pytorch as pl
+
     from guardspace_pl.datamodules import GuardSpaceDataModule
 
     patch = make_patch(tiny_dir, tmp_path / "patch", seed=3)

@@ -24,7 +24,8 @@ def test_llama7b_gpu_benchmark_runs_at_the_cpu_shape(tmp_path):
     result = json.loads(out.read_text())
     # The set-up ran both callbacks through a real Trainer: each took time, and projectors came out of it.
     setup = result["setup"]
-    assert setup["subspace_init_seconds"] > 0 and setup["null_space_seconds"] > 0 and setup["calibration_tokens"] == 32 * 32
+    assert setup["subspace_init_seconds"] > 0 and setup["null_space_seconds"] > 0
+    assert setup["calibration_tokens"] == 32 * 32
     assert 0.0 <= setup["null_fraction_range"][0] <= setup["null_fraction_range"][1] <= 1.0
     designs = {row["design"]: row for row in result["designs"]}
     assert list(designs) == ["lora", "guardspace", "guardspace_half_null", "official_dense_P", "spf", "asft"]
@@ -32,8 +33,31 @@ def test_llama7b_gpu_benchmark_runs_at_the_cpu_shape(tmp_path):
     # Stored bases at d = n/2 hold n^2/2 floats per distinct input; the official design n^2 per module.
     assert 0 < designs["guardspace_half_null"]["projector_bytes"] < designs["official_dense_P"]["projector_bytes"]
     assert all(row["tokens_per_s"] > 0 and len(row["step_seconds"]) == 2 for row in designs.values())
-    assert set(result["goals"]) == {"setup_seconds", "guardspace_step_ratio", "guardspace_half_null_step_ratio", "projector_percent_of_weights"}
+    assert set(result["goals"]) == {
+        "setup_seconds", "guardspace_step_ratio", "guardspace_half_null_step_ratio", "projector_percent_of_weights"
+    }
     assert "| official_dense_P |" in proc.stdout
+
+
+def test_step_overhead_benchmark_times_the_training_time_designs(tmp_path):
+    out = tmp_path / "step_overhead.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.step_overhead", "--profile", "cpu", "--threads", "1", "--layers", "1",
+         "--hidden", "64", "--mlp", "128", "--heads", "2", "--batch", "1", "--seq", "16", "--rank", "4",
+         "--designs", "lora", "spf", "spf_refresh10", "asft", "--warmup", "1", "--steps", "3",
+         "--memory-steps", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    designs = {row["design"]: row for row in json.loads(out.read_text())["designs"]}
+    assert list(designs) == ["lora", "spf", "spf_refresh10", "asft"]
+    for row in designs.values():
+        assert len(row["step_seconds"]) == 3
+        # The mean counts SPF's refresh steps, which the median leaves out when refresh_every > 1.
+        mean = sum(row["step_seconds"]) / 3
+        assert row["mean_step_s"] == pytest.approx(mean)
+        assert row["mean_time_ratio_vs_lora"] == pytest.approx(mean / designs["lora"]["mean_step_s"])
+    assert "| spf_refresh10 |" in proc.stdout and "step ms (mean)" in proc.stdout
 
 
 BENCHMARK_FILES = sorted((ROOT / "benchmarks").rglob("*.py"))

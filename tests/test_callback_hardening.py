@@ -7,14 +7,14 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from peft import LoraConfig, get_peft_model
 from test_null_space_projection import EXACT, NULL_PROMPTS, calibration_ids, guardspace, train
 
+from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.prompts import encode_prompts
 from guardspace_pl.testing import relative_error, tiny_llama
 

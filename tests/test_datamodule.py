@@ -7,11 +7,11 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import trainer_kwargs
-from guardspace_pl.datamodules import Example, GuardSpaceDataModule, ResumableSampler, build_stream, examples_per_rank
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from conftest import trainer_kwargs
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.datamodules import Example, GuardSpaceDataModule, ResumableSampler, build_stream, examples_per_rank
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, require_shared_data
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 import guardspace_pl.evaluation.generation as generation
+from conftest import SHARED_DATA, require_shared_data
 from guardspace_pl.evaluation import (
     BEAVERTAILS_CATEGORIES,
     BeaverDamJudge,

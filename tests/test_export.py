@@ -8,13 +8,13 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.export import export_merged_model, export_peft_adapter, lora_delta_factors, main
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.testing import byte_tokenizer, relative_error, save_tiny_llama, tiny_llama

@@ -11,14 +11,14 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
-from guardspace_pl.datamodules import GuardSpaceDataModule, normalise_prompt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
+from guardspace_pl.datamodules import GuardSpaceDataModule, normalise_prompt
 from guardspace_pl.export import main as export_main
 from guardspace_pl.loading import load_causal_lm, load_tokenizer
 from guardspace_pl.testing import byte_tokenizer, relative_error, save_tiny_llama, tiny_llama

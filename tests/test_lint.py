@@ -1,5 +1,5 @@
 """The linter (ruff, configured in pyproject.toml: line length 120, pyflakes, pycodestyle errors, import order) finds
-nothing in the package folders, the benchmarks and the scripts."""
+nothing in the package folders, the benchmarks, the scripts and the tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ["guardspace_pl", "callbacks", "datamodules", "benchmarks", "scripts"]
+FOLDERS = ["guardspace_pl", "callbacks", "datamodules", "benchmarks", "scripts", "tests"]
 
 
 def ruff_command() -> list[str]:

@@ -9,11 +9,11 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from guardspace_pl.callbacks import LSSFFusion, NullSpaceProjection
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from guardspace_pl.callbacks import LSSFFusion, NullSpaceProjection
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.lssf import (
     adapters_disabled,
@@ -480,9 +480,8 @@ def test_repair_on_smollm2_with_a_small_safety_patch(tmp_path):
 
 
 def test_repair_a_guardspace_checkpoint_with_changed_frozen_weights(tmp_path):
-    from guardspace_pl.callbacks import SafetySubspaceInit
-
     from guardspace_pl import GuardSpaceLM
+    from guardspace_pl.callbacks import SafetySubspaceInit
     from tests.conftest import task_loader
 
     base = save_tiny_llama(str(tmp_path / "tiny"))

@@ -11,15 +11,15 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import task_loader, trainer_kwargs
-from guardspace_pl.callbacks import AsFTRegularizer, SafetyGradientProjection
-from guardspace_pl.datamodules import collate, tokenize_example
-from guardspace_pl.datamodules.sources import Example
 from lightning.pytorch.plugins import MixedPrecision
 from test_training_time_composition import SAFETY, module_for, reference_for
 from torch.utils.data import DataLoader
 
+from conftest import task_loader, trainer_kwargs
 from guardspace_pl.asft import alignment_factors, asft_value_and_grads
+from guardspace_pl.callbacks import AsFTRegularizer, SafetyGradientProjection
+from guardspace_pl.datamodules import collate, tokenize_example
+from guardspace_pl.datamodules.sources import Example
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.spf import safety_subspace, subspace_inner
 

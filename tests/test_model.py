@@ -1,10 +1,10 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import task_loader, trainer_kwargs
-from guardspace_pl.datamodules import Example, tokenize_example
 
+from conftest import task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.datamodules import Example, tokenize_example
 from guardspace_pl.loading import load_causal_lm
 from guardspace_pl.testing import save_tiny_llama, tiny_llama
 

@@ -1,13 +1,13 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from peft import LoraConfig, get_peft_model
 
+from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.testing import relative_error, tiny_llama
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import require_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]

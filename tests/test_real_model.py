@@ -3,11 +3,11 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+
 from conftest import trainer_kwargs
+from guardspace_pl import GuardSpaceLM
 from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.datamodules import GuardSpaceDataModule
-
-from guardspace_pl import GuardSpaceLM
 from guardspace_pl.loading import load_causal_lm
 from guardspace_pl.testing import relative_error
 
@@ -56,8 +56,9 @@ def test_guardspace_training_step_on_the_real_model(tmp_path, shared_data):
 def test_spf_and_asft_train_the_real_model_against_a_safety_patch(tmp_path, shared_data):
     """SmolLM2 with both training-time methods: AsFT reads a safety patch (a PEFT adapter on all seven
     projections), SPF a harmful prompt + refusal; two real optimizer steps."""
-    from guardspace_pl.callbacks import AsFTRegularizer, SafetyGradientProjection
     from peft import LoraConfig, get_peft_model
+
+    from guardspace_pl.callbacks import AsFTRegularizer, SafetyGradientProjection
 
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     torch.manual_seed(0)

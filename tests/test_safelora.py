@@ -9,10 +9,10 @@ import numpy
 import pytest
 import torch
 import torch.nn.functional as F
-from guardspace_pl.callbacks import NullSpaceProjection, SafeLoRA
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
 
+from guardspace_pl.callbacks import NullSpaceProjection, SafeLoRA
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.safelora import safelora_cosine, safelora_factors, select_modules
 from guardspace_pl.safety_reference import AlignmentVector, SafetyReference

@@ -16,10 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from guardspace_pl.datamodules import normalise_prompt
 
 from benchmarks.safety.profiles import PROFILES, Profile
 from benchmarks.safety.splits import OverlapError, check_disjoint, make_splits
+from guardspace_pl.datamodules import normalise_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +68,7 @@ def test_profile_splits_are_disjoint_and_sized(shared_data, profile):
 def test_alignment_prompts_are_the_shipped_patch_configs(shared_data):
     """The splits read the patch's training prompts from configs/safety_patch_smollm2.yaml itself."""
     import yaml
+
     from guardspace_pl.datamodules.safety import PromptSet
 
     config = yaml.safe_load((ROOT / "configs" / "safety_patch_smollm2.yaml").read_text())

@@ -200,7 +200,6 @@ def test_spectrum_gives_an_orthonormal_basis_and_the_alignment_matrix(rank):
 
 def test_callbacks_take_a_reference_or_a_patch_directory_and_reject_anything_else(tmp_path):
     from guardspace_pl.callbacks import AsFTRegularizer, LSSFFusion, SafeLoRA
-
     from guardspace_pl.safety_reference import SafetyReference, as_safety_reference
 
     with pytest.raises(TypeError, match="SafetyReference or a safety-patch adapter directory"):

@@ -1,14 +1,14 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
-from guardspace_pl.callbacks import SafetySubspaceInit
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 
+from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
 from guardspace_pl.calibration import CovarianceCollector
+from guardspace_pl.callbacks import SafetySubspaceInit
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.testing import relative_error, tiny_llama
 

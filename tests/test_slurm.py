@@ -8,13 +8,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import CALIBRATION_PROMPTS, task_loader, trainer_kwargs
-from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from conftest import CALIBRATION_PROMPTS, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.testing import byte_tokenizer, tiny_llama
 
 SBATCH = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "guardspace.sbatch"

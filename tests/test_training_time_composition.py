@@ -3,11 +3,11 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import CALIBRATION_PROMPTS, task_loader, trainer_kwargs
-from guardspace_pl.callbacks import AsFTRegularizer, NullSpaceProjection, SafetyGradientProjection, SafetySubspaceInit
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from conftest import CALIBRATION_PROMPTS, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import AsFTRegularizer, NullSpaceProjection, SafetyGradientProjection, SafetySubspaceInit
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.safety_reference import SafetyReference
 from guardspace_pl.testing import tiny_llama
@@ -143,7 +143,6 @@ def test_spf_without_safety_sample_or_with_empty_refusal_fails_early(tokenizer, 
 # ---------------------------------------------------------------------------------------------------- composition
 def calibration_drift(module, tokenizer) -> float:
     from conftest import logits
-
     from guardspace_pl.testing import relative_error
 
     reference = tiny_llama()

@@ -17,10 +17,10 @@ from typing import Any, Optional
 
 import torch
 import yaml
-from guardspace_pl.datamodules import Example
 
 from benchmarks.safety.profiles import Profile
 from benchmarks.safety.splits import Splits, align_config
+from guardspace_pl.datamodules import Example
 from guardspace_pl.evaluation import KeywordRefusalJudge
 from guardspace_pl.evaluation.answer_cache import cached_greedy_answers
 from guardspace_pl.io import write_json

@@ -26,13 +26,6 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from guardspace_pl.callbacks import (
-    AsFTRegularizer,
-    NullSpaceProjection,
-    SafetyGradientProjection,
-    SafetySubspaceInit,
-)
-from guardspace_pl.datamodules import Example, collate, tokenize_example
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
@@ -41,6 +34,13 @@ from benchmarks.safety.align import precision_for
 from benchmarks.safety.profiles import METHODS, POSTHOC_SETTINGS, Profile, variant_name
 from benchmarks.safety.splits import Splits, calibration_for, check_disjoint
 from guardspace_pl import GuardSpaceLM
+from guardspace_pl.callbacks import (
+    AsFTRegularizer,
+    NullSpaceProjection,
+    SafetyGradientProjection,
+    SafetySubspaceInit,
+)
+from guardspace_pl.datamodules import Example, collate, tokenize_example
 from guardspace_pl.loading import load_causal_lm
 
 REFUSAL = "I'm sorry, but I can't help with that."  # the SPF safety samples' response

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
-from guardspace_pl.datamodules import normalise_prompt
-from guardspace_pl.datamodules.safety import PromptSet
 
 from benchmarks.data import data_dir
 from benchmarks.safety.profiles import CALIBRATIONS, Profile
+from guardspace_pl.datamodules import normalise_prompt
+from guardspace_pl.datamodules.safety import PromptSet
 
 DEFAULT_DATA_DIR = data_dir()  # $GUARDSPACE_DATA, else ../shared/data next to the repository
 ROOT = Path(__file__).resolve().parents[2]

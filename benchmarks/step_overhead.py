@@ -34,8 +34,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -71,6 +71,7 @@ SPF_SLOW_REFRESH = 10
 SAFETY_SEQ = 48  # tokens of the SPF safety sample (a short prompt + refusal)
 ASFT_RANK = 8  # rank of the alignment vector V (a safety patch of rank 8)
 BASIS_DTYPE = torch.float32  # null_space_projector's default storage dtype
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- profiles and model
@@ -287,12 +288,13 @@ class Design:
         self.projector_bytes = 0
         self.after_backward: Optional[Callable[[], None]] = None
         self.before_step: Optional[Callable[[], None]] = None
+        self.parts: dict[str, list[float]] = {}  # seconds of timed parts of this design's own work
         if name == "asft":
             self.after_backward = _asft_hook(targets, args.seed, device)
         elif name in ("spf", "spf_refresh10"):
             refresh_every = 1 if name == "spf" else SPF_SLOW_REFRESH
             self.before_step = _spf_hook(
-                model, self.params, refresh_every, args.seed, autocast_dtype, device, input_ids
+                model, self.params, refresh_every, args.seed, autocast_dtype, device, input_ids, self.parts
             )
         if name in ("guardspace", "official_dense_P"):
             projectors = projectors or make_projectors(targets, args.null_fraction, args.seed, device)
@@ -361,10 +363,13 @@ def _spf_hook(
     refresh_every: int,
     seed: int,
     autocast_dtype: Optional[torch.dtype],
-    device: torch.device, input_ids: Tensor,
+    device: torch.device,
+    input_ids: Tensor,
+    parts: dict[str, list[float]],
 ) -> Callable[[], None]:
     """``SafetyGradientProjection.on_before_optimizer_step``: safety gradient (one sequence), batched per-shape
-    subspaces, the batched gate and edit with one host sync, written back where a matrix conflicted."""
+    subspaces, the batched gate and edit with one host sync, written back where a matrix conflicted. Appends the
+    seconds of each part (``safety_pass``, ``decomposition`` on refresh steps; ``gate`` every step) to ``parts``."""
     from guardspace_pl.spf import remove_conflicts, safety_subspaces
 
     generator = torch.Generator().manual_seed(seed + 1)
@@ -374,23 +379,31 @@ def _spf_hook(
     matrices = [p for p in params.values() if p.ndim == 2]
     state: dict[str, Any] = {"step": 0, "subspaces": None}
 
+    def safety_pass() -> tuple[Optional[Tensor], ...]:
+        dtype = autocast_dtype or torch.bfloat16
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast_dtype is not None):
+            loss = model(input_ids=safety_ids, labels=labels).loss
+        return torch.autograd.grad(loss, matrices, allow_unused=True)
+
+    @torch.no_grad()
+    def gate() -> None:
+        edit = remove_conflicts([p.grad for p in matrices], state["subspaces"])
+        for param, edited, conflicted in zip(matrices, edit.grads, edit.conflicted.tolist()):
+            if conflicted:
+                param.grad.copy_(edited)
+
+    def record(part: str, fn: Callable[[], T]) -> T:
+        result, seconds = timed(fn, device)
+        parts.setdefault(part, []).append(seconds)
+        return result
+
     def hook() -> None:
         if state["step"] % refresh_every == 0:
-            autocast = torch.autocast(
-                device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
-            )
-            with autocast:
-                loss = model(input_ids=safety_ids, labels=labels).loss
-            grads = torch.autograd.grad(loss, matrices, allow_unused=True)
-            state["subspaces"] = safety_subspaces(
-                [g if g is not None else torch.zeros_like(p) for p, g in zip(matrices, grads)]
-            )
+            grads = record("safety_pass", safety_pass)
+            zeros_for_unused = [g if g is not None else torch.zeros_like(p) for p, g in zip(matrices, grads)]
+            state["subspaces"] = record("decomposition", lambda: safety_subspaces(zeros_for_unused))
         state["step"] += 1
-        with torch.no_grad():
-            edit = remove_conflicts([p.grad for p in matrices], state["subspaces"])
-            for param, edited, conflicted in zip(matrices, edit.grads, edit.conflicted.tolist()):
-                if conflicted:
-                    param.grad.copy_(edited)
+        record("gate", gate)
 
     return hook
 
@@ -402,6 +415,7 @@ class DesignResult:
     peak_bytes: int  # absolute peak during the memory steps
     delta_bytes: int  # peak above the loaded model: optimizer state, projectors, activations, gradients
     projector_bytes: int
+    part_seconds: dict[str, list[float]] = field(default_factory=dict)  # timed parts of a design's own work
 
     @property
     def median_s(self) -> float:
@@ -440,8 +454,10 @@ def time_designs(
     steps: int,
     interleave: bool,
     device: torch.device,
+    parts: Optional[dict[str, dict[str, list[float]]]] = None,
 ) -> dict[str, list[float]]:
-    """Step seconds of every design after ``warmup`` untimed steps.
+    """Step seconds of every design after ``warmup`` untimed steps; with ``parts``, each design's timed parts
+    (``Design.parts``, e.g. SPF's safety pass, decomposition and gate) of the timed steps go there too.
 
     Interleaved (default): all designs live at once and take turns step by step, in rotated order,
     so that a slow spell of a shared machine falls on every design alike. Sequential: one design at
@@ -452,13 +468,21 @@ def time_designs(
         for design in designs:
             state = make(design)
             state.activate()
-            times[design] = repeat_timed(state.step, device, warmup, steps)
+            for _ in range(warmup):
+                state.step()
+            state.parts.clear()
+            times[design] = repeat_timed(state.step, device, 0, steps)
+            if parts is not None:
+                parts[state.name] = dict(state.parts)
             state.deactivate(keep_values=False)
             del state
             release_memory(device)
         return times
     states = [make(design) for design in designs]
     for i in range(warmup + steps):
+        if i == warmup:
+            for state in states:
+                state.parts.clear()
         shift = i % len(states)
         for state in states[shift:] + states[:shift]:
             state.activate()
@@ -466,6 +490,8 @@ def time_designs(
             state.deactivate()
             if i >= warmup:
                 times[state.name].append(seconds)
+    if parts is not None:
+        parts.update({state.name: dict(state.parts) for state in states})
     return times
 
 
@@ -584,8 +610,25 @@ def render(
             for f in by_fraction
         ],
     )
+    parts_rows = [
+        [
+            r.design,
+            part,
+            str(len(seconds)),
+            f"{1e3 * median(seconds):.1f}",
+            f"{1e3 * sum(seconds) / len(r.step_seconds):.1f}",
+            f"{100.0 * sum(seconds) / len(r.step_seconds) / lora.mean_s:.1f}%",
+        ]
+        for r in results
+        for part, seconds in r.part_seconds.items()
+        if seconds
+    ]
+    parts_table = markdown_table(
+        ["design", "part", "calls", "ms per call (median)", "ms per step (mean)", "% of LoRA's mean step"], parts_rows
+    )
+    parts_section = f"## Where the added time goes\n\n{parts_table}\n\n" if parts_rows else ""
     return (
-        f"## Step time and memory (null fraction {null_fraction:g})\n\n{table}\n\n"
+        f"## Step time and memory (null fraction {null_fraction:g})\n\n{table}\n\n{parts_section}"
         f"Base model weights: {mib(weights['base_model_bytes']):.1f} MiB "
         f"(adapted linears {mib(weights['adapted_linears_bytes']):.1f} MiB).\n\n"
         f"## Projector storage by null-space fraction\n\n{fraction_table}"
@@ -657,8 +700,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     memory = {design: measure_memory(design, make, args.memory_steps, device) for design in args.designs}
     with heap_reuse(device):  # after every memory measurement (see benchmarks/_common.py)
-        times = time_designs(args.designs, make, args.warmup, args.steps, not args.sequential, device)
-    results = [DesignResult(design, times[design], *memory[design]) for design in args.designs]
+        parts: dict[str, dict[str, list[float]]] = {}
+        times = time_designs(args.designs, make, args.warmup, args.steps, not args.sequential, device, parts)
+    results = [DesignResult(design, times[design], *memory[design], parts[design]) for design in args.designs]
     weights = weight_bytes(model, targets)
     dense_itemsize = (autocast_dtype or targets[0].lora_A.dtype).itemsize
     by_fraction = projector_memory_by_fraction(targets, args.fractions, dense_itemsize, weights["base_model_bytes"])

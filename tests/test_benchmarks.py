@@ -58,6 +58,11 @@ def test_step_overhead_benchmark_times_the_training_time_designs(tmp_path):
         assert row["mean_step_s"] == pytest.approx(mean)
         assert row["mean_time_ratio_vs_lora"] == pytest.approx(mean / designs["lora"]["mean_step_s"])
     assert "| spf_refresh10 |" in proc.stdout and "step ms (mean)" in proc.stdout
+    # SPF's own work, timed by part: the refresh (safety pass + decomposition) every 1 or 10 steps, the gate every step.
+    spf, slow = designs["spf"]["part_seconds"], designs["spf_refresh10"]["part_seconds"]
+    assert [len(spf[p]) for p in ("safety_pass", "decomposition", "gate")] == [3, 3, 3]
+    assert len(slow["gate"]) == 3 and len(slow.get("safety_pass", [])) <= 1
+    assert designs["lora"]["part_seconds"] == {} and "Where the added time goes" in proc.stdout
 
 
 BENCHMARK_FILES = sorted((ROOT / "benchmarks").rglob("*.py"))

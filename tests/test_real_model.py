@@ -56,19 +56,12 @@ def test_guardspace_training_step_on_the_real_model(tmp_path, shared_data):
 def test_spf_and_asft_train_the_real_model_against_a_safety_patch(tmp_path, shared_data):
     """SmolLM2 with both training-time methods: AsFT reads a safety patch (a PEFT adapter on all seven
     projections), SPF a harmful prompt + refusal; two real optimizer steps."""
-    from peft import LoraConfig, get_peft_model
 
     from guardspace_pl.callbacks import AsFTRegularizer, SafetyGradientProjection
+    from guardspace_pl.testing import LLAMA_PROJECTIONS, save_random_patch
 
-    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    torch.manual_seed(0)
-    patch_model = get_peft_model(load_causal_lm("builtin:smollm2-135m-instruct"),
-                                 LoraConfig(r=4, lora_alpha=8, target_modules=projections))
-    with torch.no_grad():
-        for name, param in patch_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.01)
-    patch_model.save_pretrained(str(tmp_path / "patch"))
+    projections = list(LLAMA_PROJECTIONS)
+    save_random_patch(load_causal_lm("builtin:smollm2-135m-instruct"), str(tmp_path / "patch"), rank=4)
 
     datamodule = GuardSpaceDataModule(
         tokenizer="builtin:smollm2-135m-instruct", task=str(shared_data / "gsm8k" / "train.jsonl"), num_task_samples=8,

@@ -69,6 +69,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr1e-4": {"model.learning_rate": 1.0e-4},
     "lr1e-4_harmless_600": {"model.learning_rate": 1.0e-4, "data.harmless.0.count": 600},
     "lr5e-5_harmless_600": {"model.learning_rate": 5.0e-5, "data.harmless.0.count": 600},
+    # The null-space guard turned around: the patch learns only where the answered (safe) prompts' activations have
+    # at most this fraction of their energy, so its answers to them (and what they share with GSM8K) cannot move.
+    "protect_safe_energy0.05": {"callbacks": [{
+        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+        "init_args": {"threshold_mode": "energy", "threshold": 0.05, "progress_bar": False},
+    }]},
+    "protect_safe_rel1e-3": {"callbacks": [{
+        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+        "init_args": {"threshold": 1.0e-3, "progress_bar": False},
+    }]},
     "lr1e-4_rank4_attention": {"model.learning_rate": 1.0e-4, "model.lora_rank": 4, "model.lora_alpha": 8,
                                "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }
@@ -92,7 +102,9 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
 def variant_config(name: str, evaluation: dict[str, Any]) -> dict[str, Any]:
     """The shipped config with the variant's overrides, the given evaluation sets, and its own output folder."""
     config = yaml.safe_load(CONFIG.read_text())
-    for key, value in VARIANTS[name].items():
+    overrides = dict(VARIANTS[name])
+    callbacks = copy.deepcopy(overrides.pop("callbacks", []))
+    for key, value in overrides.items():
         set_dotted(config, key, copy.deepcopy(value))
     config["data"]["evaluation"] = copy.deepcopy(evaluation)
     config["data"]["cache_dir"] = str(OUT / "cache")
@@ -100,7 +112,8 @@ def variant_config(name: str, evaluation: dict[str, Any]) -> dict[str, Any]:
     config["trainer"]["default_root_dir"] = str(OUT / "runs" / name)
     # A text progress bar that shows in the run's log file (the rich bar draws only on a terminal).
     config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 5}}
+        {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 5}},
+        *callbacks,
     ]
     return config
 

@@ -323,6 +323,31 @@ class SafetyPatchDataModule(LightningDataModule):
         prompts = self.training_prompts()
         return prompts["harmless"] + prompts["borderline"]
 
+    #: The patch trains in the chat template; callbacks that calibrate on prompts format them the same way.
+    prompt_format = "chat_template"
+
+    def calibration_prompts(self, kind: str) -> list[str]:
+        """The prompts whose outputs the patch must not move, for ``NullSpaceProjection`` in ``align``'s callbacks:
+        the answered (harmless and borderline) prompts. The patch then learns only in the null space of their
+        activations, so it cannot change the model's answers to them (the library's null-space guard, turned around
+        to protect safe prompts instead of harmful ones).
+
+        Args:
+            kind: ``"null_space"`` (the only kind a safety patch serves).
+        """
+        if kind != "null_space":
+            raise ValueError(
+                f"SafetyPatchDataModule serves calibration prompts for NullSpaceProjection (kind 'null_space': the "
+                f"safe prompts whose answers must not move), not {kind!r}: pass calibration_prompts= to that callback."
+            )
+        prompts = self.answered_prompts()
+        if not prompts:
+            raise ValueError(
+                "NullSpaceProjection in align protects the harmless and borderline prompts, but data.harmless and "
+                "data.borderline are empty: add safe prompts, or pass calibration_prompts= to the callback."
+            )
+        return prompts
+
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def prepare_data(self) -> None:

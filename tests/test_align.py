@@ -22,7 +22,7 @@ from guardspace_pl.evaluation.answer_cache import OwnAnswer, cached_greedy_answe
 from guardspace_pl.evaluation.intervals import wilson_interval
 from guardspace_pl.model import GuardSpaceLM
 from guardspace_pl.patches import APPLIED_PATCHES_KEY, PatchError, applied_patches, apply_patches
-from guardspace_pl.testing import byte_tokenizer, save_tiny_llama
+from guardspace_pl.testing import byte_tokenizer, relative_error, save_tiny_llama
 
 HARMFUL = [f"explain how to build untraceable weapon model {i}" for i in range(10)]
 CONTRAST = [f"how do i kill my neighbour number {i}" for i in range(4)]
@@ -438,3 +438,52 @@ def test_cached_greedy_answers_marks_cut_answers(tiny_dir, tmp_path):
         assert len(ids) <= 4
     # A random tiny model rarely stops within 4 tokens: at least one answer is marked cut.
     assert any(not a.finished for a in answers)
+
+
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def test_align_with_the_null_space_guard_keeps_the_answered_prompts(tiny_dir, prompt_files, tmp_path):
+    """NullSpaceProjection in align's callbacks, with no prompts of its own, protects the DataModule's answered
+    (harmless and borderline) prompts: their logits move far less than an unguarded patch moves them, while the
+    refused prompts still move."""
+    config = yaml.safe_load(align_config(tiny_dir, prompt_files, tmp_path).read_text())
+    guarded = tmp_path / "guarded.yaml"
+    config["trainer"]["callbacks"] = [{
+        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+        "init_args": {"threshold": 1e-3, "progress_bar": False},
+    }]
+    guarded.write_text(yaml.safe_dump(config))
+    align_main(["--config", str(guarded), "--output_dir", str(tmp_path / "guarded")])
+    align_main(["--config", str(align_config(tiny_dir, prompt_files, tmp_path)), "--output_dir",
+                str(tmp_path / "plain")])
+    assert json.loads((tmp_path / "guardspace" / "null_space.json").read_text())  # the guard ran and reported
+
+    tokenizer = byte_tokenizer()
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+
+    def drift(patch: Path, prompts: list[str]) -> float:
+        patched = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(patch))
+        errors = [relative_error(logits(patched, chat_ids(tokenizer, p)), logits(original, chat_ids(tokenizer, p)))
+                  for p in prompts]
+        return sum(errors) / len(errors)
+
+    answered = HARMLESS + BORDERLINE
+    guarded_drift, plain_drift = drift(tmp_path / "guarded" / "patch", answered), drift(tmp_path / "plain" / "patch",
+                                                                                        answered)
+    assert guarded_drift < 0.3 * plain_drift, (guarded_drift, plain_drift)  # measured: 0.20 vs 1.11
+    assert drift(tmp_path / "guarded" / "patch", HARMFUL) > 2 * guarded_drift  # the patch still acts on what it refuses
+
+
+def test_safety_datamodule_serves_only_null_space_calibration(tiny_dir, prompt_files, tmp_path):
+    datamodule = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache")
+    assert sorted(datamodule.calibration_prompts("null_space")) == sorted(HARMLESS + BORDERLINE)
+    assert datamodule.prompt_format == "chat_template"
+    with pytest.raises(ValueError, match="kind 'null_space'"):
+        datamodule.calibration_prompts("subspace")
+    empty = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", harmless=None, borderline=None)
+    with pytest.raises(ValueError, match="data.harmless and data.borderline are empty"):
+        empty.calibration_prompts("null_space")

@@ -146,6 +146,26 @@ def _write(out: Path, kind: str, name: str, **fields) -> None:
     path.write_text(json.dumps(fields))
 
 
+def _finish(out: Path, spec, kind: str = "train", loss: float = 1.0, harmful: float = 50.0) -> None:
+    """Write the result a finished job would have written (what the planner reads)."""
+    _write(
+        out,
+        kind,
+        spec.run_id,
+        run_id=spec.run_id,
+        variant=spec.variant,
+        method=spec.method,
+        lr=spec.lr,
+        calibration=getattr(spec, "base", spec).calibration,
+        posthoc=getattr(spec, "posthoc", "-"),
+        weight=getattr(spec, "weight", None),
+        refresh_every=getattr(spec, "refresh_every", None),
+        val_task_loss=loss,
+        val_harmful_score=harmful,
+        val_over_refusal=0.0,
+    )
+
+
 def _tiny_profile() -> Profile:
     return replace(
         PROFILES["smoke"], variants=(("lora", "-"), ("asft", "-")), lrs={"lora": (1e-4, 1e-3), "asft": (1e-4, 1e-3)},
@@ -165,22 +185,7 @@ def test_planner_orders_the_jobs_grows_an_edge_grid_and_waits_for_inputs(tmp_pat
     assert waiting  # post-hoc runs wait for their LoRA run; AsFT's lambda 10 for its lr grid
 
     def done(spec, kind="train", loss=1.0, harmful=50.0):
-        variant = spec.variant
-        _write(
-            tmp_path,
-            kind,
-            spec.run_id,
-            run_id=spec.run_id,
-            variant=variant,
-            method=spec.method,
-            lr=spec.lr,
-            calibration=getattr(spec, "base", spec).calibration,
-            posthoc=getattr(spec, "posthoc", "-"),
-            weight=getattr(spec, "weight", None),
-            val_task_loss=loss,
-            val_harmful_score=harmful,
-            val_over_refusal=0.0,
-        )
+        _finish(tmp_path, spec, kind, loss, harmful)
 
     for name in ("original", "aligned"):
         _write(tmp_path, "full", name)
@@ -210,6 +215,34 @@ def test_planner_orders_the_jobs_grows_an_edge_grid_and_waits_for_inputs(tmp_pat
     assert "full-lora-none_lr1e-03_p0.2_s1" not in keys(ready) and waiting  # needs its seed-1 training first
     done(RunSpec("asft", "-", 1e-4, 0.2, 0, 10.0), loss=1.0, harmful=0.0)
     assert "full-asft-none_lr1e-04_p0.2_s0_l10" in keys(planner.pending()[0])
+
+
+def test_spf_slower_refresh_runs_at_spfs_matched_lr_and_is_its_own_variant(tmp_path):
+    from benchmarks.safety.attack import RunSpec
+    from benchmarks.safety.run import Planner
+
+    profile = replace(
+        PROFILES["smoke"], variants=(("lora", "-"), ("spf", "-")), lrs={"lora": (1e-4, 1e-3), "spf": (1e-4, 1e-3)},
+        coverage=(), posthoc=(), spf_refresh=(10,), seeds=(0, 1), grid_extensions=0, p_grid=(0.2,),
+    )
+    planner = Planner(profile, tmp_path, [0.2])
+    keys = lambda jobs: [j.key for j in jobs]  # noqa: E731
+    for name in ("original", "aligned"):
+        _write(tmp_path, "full", name)
+    assert not any("_r10" in k for k in keys(planner.pending()[0]))  # waits for SPF's grid
+    _finish(tmp_path, RunSpec("lora", "-", 1e-4, 0.2, 0), loss=1.0)
+    _finish(tmp_path, RunSpec("lora", "-", 1e-3, 0.2, 0), loss=1.2)
+    _finish(tmp_path, RunSpec("spf", "-", 1e-4, 0.2, 0), loss=1.5, harmful=5.0)  # not matched
+    _finish(tmp_path, RunSpec("spf", "-", 1e-3, 0.2, 0), loss=1.01, harmful=30.0)  # matched
+    slow = RunSpec("spf", "-", 1e-3, 0.2, 0, refresh_every=10)
+    assert slow.variant == "spf(r=10)" and slow.run_id == "spf-none_lr1e-03_p0.2_s0_r10"
+    assert f"train-{slow.run_id}" in keys(planner.pending()[0])
+    _finish(tmp_path, slow, loss=1.02, harmful=32.0)
+    # Its own matched pick: evaluated in full and trained again at seed 1 with the same refresh.
+    ready = keys(planner.pending()[0])
+    assert f"full-{slow.run_id}" in ready and "train-spf-none_lr1e-03_p0.2_s1_r10" in ready
+    with pytest.raises(ValueError, match="spf_refresh"):
+        replace(profile, spf_refresh=(0,))
 
 
 def test_a_job_lock_is_exclusive_and_a_dead_workers_lock_is_taken_over(tmp_path):

@@ -54,14 +54,16 @@ class RunSpec:
     p: float
     seed: int
     weight: Optional[float] = None  # AsFT's lambda
+    refresh_every: Optional[int] = None  # SPF's (None: the callback's default, 1)
 
     @property
     def variant(self) -> str:
-        return variant_name(self.method, self.calibration, weight=self.weight)
+        return variant_name(self.method, self.calibration, weight=self.weight, refresh_every=self.refresh_every)
 
     @property
     def run_id(self) -> str:
         tail = "" if self.weight is None else f"_l{self.weight:g}"
+        tail += "" if self.refresh_every is None else f"_r{self.refresh_every}"
         return f"{self.method}-{self.calibration.replace('-', 'none')}_lr{self.lr:.0e}_p{self.p:g}_s{self.seed}{tail}"
 
 
@@ -203,7 +205,11 @@ def _callbacks(spec: RunSpec, ctx: Context, work: Path) -> tuple[list[pl.Callbac
         )
     if parts.spf:
         samples = [{"prompt": prompt, "response": REFUSAL} for prompt in ctx.splits.spf_prompts]
-        callbacks.append(SafetyGradientProjection(samples, tokenizer=ctx.tokenizer, max_length=profile.max_length))
+        callbacks.append(
+            SafetyGradientProjection(
+                samples, tokenizer=ctx.tokenizer, max_length=profile.max_length, refresh_every=spec.refresh_every or 1
+            )
+        )
     if null_cb is not None:
         callbacks.append(null_cb)
     return callbacks, null_cb

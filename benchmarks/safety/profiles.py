@@ -52,13 +52,22 @@ CALIBRATIONS: dict[str, tuple[str, str]] = {
 }
 
 
-def variant_name(method: str, calibration: str = "-", posthoc: str = "-", weight: float | None = None) -> str:
-    """``lora``, ``nullspace/template``, ``lora+safelora``, ``asft(l=10)``: how a run is named in tables."""
+def variant_name(
+    method: str,
+    calibration: str = "-",
+    posthoc: str = "-",
+    weight: float | None = None,
+    refresh_every: int | None = None,
+) -> str:
+    """``lora``, ``nullspace/template``, ``lora+safelora``, ``asft(l=10)``, ``spf(r=10)``: how a run is named in
+    tables."""
     name = method if calibration == "-" else f"{method}/{calibration}"
     if posthoc != "-":
         name += f"+{posthoc.split('-')[0]}"
     if weight is not None and weight != 1.0:
         name += f"(l={weight:g})"
+    if refresh_every is not None and refresh_every != 1:
+        name += f"(r={refresh_every})"
     return name
 
 
@@ -81,6 +90,7 @@ class Profile:
     coverage: tuple[str, ...] = ()              # extra null-space calibrations (the coverage study) ...
     coverage_p: float = 0.2                     # ... run at this p only
     asft_weights: tuple[float, ...] = (0.1, 1.0, 10.0)  # lambda; the lr grid runs at 1, the others at its pick
+    spf_refresh: tuple[int, ...] = (10,)        # SPF's refresh_every; the lr grid runs at 1, these at its pick
     grid_extensions: int = 2                    # a grid whose best validation loss is its top lr grows by x3,
                                                 # this often
     posthoc: tuple[str, ...] = POSTHOC
@@ -121,6 +131,8 @@ class Profile:
             )
         if "lora" not in methods:
             raise ValueError(f"Profile {self.name}: matched utility needs the plain 'lora' variant.")
+        if any(not isinstance(r, int) or r < 1 for r in self.spf_refresh):
+            raise ValueError(f"Profile {self.name}: spf_refresh holds refresh intervals (integers >= 1).")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,7 +163,7 @@ PROFILES: dict[str, Profile] = {
             "nullspace+spf": (1e-3,),
         },
         seeds=(0, 1), coverage=("mixed",), coverage_p=0.25, posthoc=("safelora-k10", "lssf-a4", "patch"),
-        asft_weights=(1.0, 10.0), grid_extensions=0, epochs=1, batch_size=4, max_length=64,
+        asft_weights=(1.0, 10.0), spf_refresh=(), grid_extensions=0, epochs=1, batch_size=4, max_length=64,
         lora_rank=4, lora_alpha=8, calibration_count=4, calibration_count_large=6, poison_answer_tokens=12,
         spf_samples=2, lssf_anchors=2, lssf_tokens=8,
         eval_sizes={"harmbench": 2, "advbench": 2, "xstest": 2, "harmless": 2},

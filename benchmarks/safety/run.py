@@ -135,12 +135,12 @@ class Planner:
         if p == self.profile.coverage_p:
             variants += [("nullspace", c) for c in self.profile.coverage]
         for method, calibration in variants:
-            weight = 1.0 if method == "asft" else None
-            specs = self.grid(method, calibration, p, weight)
+            specs = self.grid(method, calibration, p, 1.0 if method == "asft" else None)
             jobs += [Job("train", s) for s in specs]
             if method == "lora":
                 jobs += [Job("posthoc", PosthocSpec(s, name)) for s in specs for name in self.profile.posthoc]
-            if method == "asft":
+            settings = self.at_matched_lr(method)
+            if settings:
                 rows = [self.done("train", s) for s in specs]
                 if any(r is None for r in rows):
                     blocked = True
@@ -153,11 +153,19 @@ class Planner:
 
                 best = pick(rows, min(r["val_task_loss"] for r in lora))
                 jobs += [
-                    Job("train", RunSpec("asft", "-", best["lr"], p, self.seed, w))
-                    for w in self.profile.asft_weights
-                    if w != 1.0
+                    Job("train", RunSpec(method, calibration, best["lr"], p, self.seed, **setting))
+                    for setting in settings
                 ]
         return jobs, blocked
+
+    def at_matched_lr(self, method: str) -> list[dict[str, Any]]:
+        """Settings run only at the method's matched lr (its grid runs at the default): AsFT's other lambdas, SPF's
+        slower refreshes."""
+        if method == "asft":
+            return [{"weight": w} for w in self.profile.asft_weights if w != 1.0]
+        if method == "spf":
+            return [{"refresh_every": r} for r in self.profile.spf_refresh if r != 1]
+        return []
 
     def finished_variants(self, phase1: list[Job]) -> list[Job]:
         """The phase-1 jobs of every variant whose runs have all finished, once plain LoRA's have (the reference)."""
@@ -191,7 +199,7 @@ class Planner:
         from benchmarks.safety.attack import PosthocSpec, RunSpec
 
         runs = [
-            RunSpec(row["method"], row["calibration"], row["lr"], p, seed, row.get("weight"))
+            RunSpec(row["method"], row["calibration"], row["lr"], p, seed, row.get("weight"), row.get("refresh_every"))
             for seed in self.profile.seeds
         ]
         return runs if row["posthoc"] == "-" else [PosthocSpec(run, row["posthoc"]) for run in runs]

@@ -90,7 +90,7 @@ class Profile:
     coverage: tuple[str, ...] = ()              # extra null-space calibrations (the coverage study) ...
     coverage_p: float = 0.2                     # ... run at this p only
     asft_weights: tuple[float, ...] = (0.1, 1.0, 10.0)  # lambda; the lr grid runs at 1, the others at its pick
-    spf_refresh: tuple[int, ...] = (10,)        # SPF's refresh_every; the lr grid runs at 1, these at its pick
+    spf_refresh: tuple[int, ...] = (10, 25)     # SPF's refresh_every; the lr grid runs at 1, these at its pick
     grid_extensions: int = 2                    # a grid whose best validation loss is its top lr grows by x3,
                                                 # this often
     posthoc: tuple[str, ...] = POSTHOC

@@ -11,7 +11,7 @@ Three designs, on one PEFT LoRA model (q, k, v, o, gate, up, down) and one batch
    applied in the forward pass, ``y = W x + s B A (P x)``, here by a forward pre-hook on each
    ``lora_A`` Linear that replaces its input ``x`` with ``x @ P``: an extra ``n^2`` per token and
    module, forward and backward.
-4. ``spf`` / ``spf_refresh10``: ``SafetyGradientProjection``'s work before each optimizer step (a safety gradient of
+4. ``spf`` / ``spf_refresh<N>``: ``SafetyGradientProjection``'s work before each optimizer step (a safety gradient of
    one short sequence every 1 / 10 steps, per-matrix CER-truncated SVDs, the conflict gate and edit).
 5. ``asft``: ``AsFTRegularizer``'s analytic gradient added after every backward (random rank-8 ``C``).
 
@@ -34,6 +34,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -66,8 +67,15 @@ from guardspace_pl.testing import tiny_llama
 
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DESIGNS: tuple[str, ...] = ("lora", "guardspace", "official_dense_P", "spf", "spf_refresh10", "asft")
-#: SPF refreshes its safety subspace every this many steps in the ``spf_refresh10`` design
-SPF_SLOW_REFRESH = 10
+#: ``spf_refresh<N>`` (any N >= 1, e.g. ``spf_refresh25``): SPF refreshing its safety subspace every N steps
+SPF_REFRESH_DESIGN = re.compile(r"spf_refresh([1-9][0-9]*)")
+
+
+def design_name(value: str) -> str:
+    """``--designs`` entries: a name of ``DESIGNS`` or ``spf_refresh<N>``."""
+    if value in DESIGNS or SPF_REFRESH_DESIGN.fullmatch(value):
+        return value
+    raise argparse.ArgumentTypeError(f"unknown design {value!r}: one of {', '.join(DESIGNS)} or spf_refresh<N>")
 SAFETY_SEQ = 48  # tokens of the SPF safety sample (a short prompt + refusal)
 ASFT_RANK = 8  # rank of the alignment vector V (a safety patch of rank 8)
 BASIS_DTYPE = torch.float32  # null_space_projector's default storage dtype
@@ -291,8 +299,8 @@ class Design:
         self.parts: dict[str, list[float]] = {}  # seconds of timed parts of this design's own work
         if name == "asft":
             self.after_backward = _asft_hook(targets, args.seed, device)
-        elif name in ("spf", "spf_refresh10"):
-            refresh_every = 1 if name == "spf" else SPF_SLOW_REFRESH
+        elif name == "spf" or SPF_REFRESH_DESIGN.fullmatch(name):
+            refresh_every = 1 if name == "spf" else int(SPF_REFRESH_DESIGN.fullmatch(name).group(1))
             self.before_step = _spf_hook(
                 model, self.params, refresh_every, args.seed, autocast_dtype, device, input_ids, self.parts
             )
@@ -658,7 +666,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--memory-steps", type=int, default=2, help="steps per design run under the peak-memory monitor"
     )
     parser.add_argument(
-        "--designs", nargs="+", choices=DESIGNS, default=list(DESIGNS), help="lora must come first (ratios)"
+        "--designs",
+        nargs="+",
+        type=design_name,
+        default=list(DESIGNS),
+        help=f"lora must come first (ratios); one of {', '.join(DESIGNS)} or spf_refresh<N>",
     )
     parser.add_argument(
         "--fractions",

@@ -276,6 +276,8 @@ def test_patch_for_another_base_model_is_a_shape_error(tiny_dir, tmp_path):
         apply_patches(AutoModelForCausalLM.from_pretrained(tiny_dir), [tmp_path])
 
 
+# The test fits a plain LightningModule on a list of batches and validates on none (Lightning counts the empty list).
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")
 def test_reapplying_a_patch_after_task_fine_tuning(tiny_dir, tmp_path):
     """Fine-tune a task LoRA, merge it, re-apply the safety patch: W_task + s B A, checked on the logits."""
     import lightning.pytorch as pl

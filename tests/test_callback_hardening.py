@@ -75,6 +75,8 @@ def test_reused_callbacks_rebuild_for_a_second_model(tokenizer, tmp_path):
     ],
     ids=["dora", "modules_to_save", "lora_bias"],
 )
+# PEFT warns that lora_bias on bias-free layers cannot merge; the callback must reject the variant either way.
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
 def test_lora_variants_that_break_the_protection_are_rejected(tokenizer, tmp_path, config, match):
     with pytest.raises(ValueError, match=match):
         fit(

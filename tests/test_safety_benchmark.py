@@ -245,6 +245,38 @@ def test_spf_slower_refresh_runs_at_spfs_matched_lr_and_is_its_own_variant(tmp_p
         replace(profile, spf_refresh=(0,))
 
 
+def test_a_grid_with_no_matched_point_gains_the_midpoints_around_its_best(tmp_path):
+    from benchmarks.safety.attack import RunSpec
+    from benchmarks.safety.run import Planner
+
+    profile = replace(
+        PROFILES["smoke"], variants=(("lora", "-"), ("nullspace", "template")),
+        lrs={"lora": (1e-4, 1e-3), "nullspace": (3e-5, 1e-4, 3e-4)}, coverage=(), posthoc=(), seeds=(0,),
+        grid_extensions=0, grid_refinements=1, p_grid=(0.2,),
+    )
+    planner = Planner(profile, tmp_path, [0.2])
+    keys = lambda jobs: [j.key for j in jobs]  # noqa: E731
+    for name in ("original", "aligned"):
+        _write(tmp_path, "full", name)
+    _finish(tmp_path, RunSpec("lora", "-", 1e-4, 0.2, 0), loss=1.5)
+    _finish(tmp_path, RunSpec("lora", "-", 1e-3, 0.2, 0), loss=1.0)
+    null = lambda lr: RunSpec("nullspace", "template", lr, 0.2, 0)  # noqa: E731
+    _finish(tmp_path, null(3e-5), loss=1.30)
+    _finish(tmp_path, null(1e-4), loss=1.08)  # the best, 8 % above LoRA's 1.0: not matched
+    _finish(tmp_path, null(3e-4), loss=1.12)
+    ready = keys(planner.pending()[0])
+    assert f"train-{null(5e-5).run_id}" in ready and f"train-{null(2e-4).run_id}" in ready
+    assert not any(k.startswith("full-nullspace") for k in ready)  # the variant is unfinished until they are done
+    _finish(tmp_path, null(5e-5), loss=1.2)
+    _finish(tmp_path, null(2e-4), loss=1.02, harmful=20.0)  # matched
+    ready = keys(planner.pending()[0])
+    assert f"full-{null(2e-4).run_id}" in ready  # the new pick
+    assert [s.lr for s in planner.grid("nullspace", "template", 0.2)] == [3e-5, 5e-5, 1e-4, 2e-4, 3e-4]
+    # A grid with a matched point is left as it is.
+    _finish(tmp_path, null(1e-4), loss=1.02)
+    assert [s.lr for s in planner.grid("nullspace", "template", 0.2)] == [3e-5, 1e-4, 3e-4]
+
+
 def test_a_job_lock_is_exclusive_and_a_dead_workers_lock_is_taken_over(tmp_path):
     import socket
 

@@ -91,6 +91,7 @@ class Profile:
     coverage_p: float = 0.2                     # ... run at this p only
     asft_weights: tuple[float, ...] = (0.1, 1.0, 10.0)  # lambda; the lr grid runs at 1, the others at its pick
     spf_refresh: tuple[int, ...] = (10, 25)     # SPF's refresh_every; the lr grid runs at 1, these at its pick
+    grid_refinements: int = 1                   # 1: a grid with no matched point gains the midpoints around its best
     grid_extensions: int = 2                    # a grid whose best validation loss is its top lr grows by x3,
                                                 # this often
     posthoc: tuple[str, ...] = POSTHOC
@@ -163,7 +164,8 @@ PROFILES: dict[str, Profile] = {
             "nullspace+spf": (1e-3,),
         },
         seeds=(0, 1), coverage=("mixed",), coverage_p=0.25, posthoc=("safelora-k10", "lssf-a4", "patch"),
-        asft_weights=(1.0, 10.0), spf_refresh=(), grid_extensions=0, epochs=1, batch_size=4, max_length=64,
+        asft_weights=(1.0, 10.0), spf_refresh=(), grid_extensions=0, grid_refinements=0, epochs=1, batch_size=4,
+        max_length=64,
         lora_rank=4, lora_alpha=8, calibration_count=4, calibration_count_large=6, poison_answer_tokens=12,
         spf_samples=2, lssf_anchors=2, lssf_tokens=8,
         eval_sizes={"harmbench": 2, "advbench": 2, "xstest": 2, "harmless": 2},

@@ -123,7 +123,32 @@ class Planner:
             if best["lr"] != max(lrs):
                 break
             lrs.append(float(f"{max(lrs) * 3:.0e}"))
+        if method != "lora" and self.profile.grid_refinements:
+            lrs = self.refined(method, calibration, p, weight, lrs)
         return [RunSpec(method, calibration, lr, p, self.seed, weight) for lr in lrs]
+
+    def refined(
+        self, method: str, calibration: str, p: float, weight: Optional[float], lrs: list[float]
+    ) -> list[float]:
+        """``lrs`` plus, when no point of it is within the utility tolerance of plain LoRA's best validation loss, the
+        geometric midpoints between its best point and that point's neighbours, to one significant digit as every lr
+        here: a grid can straddle the matched region without a point in it. The midpoints are computed from ``lrs``
+        alone, so they are added once and never refined again."""
+        from benchmarks.safety.attack import RunSpec
+        from benchmarks.safety.report import UTILITY_TOLERANCE
+
+        lrs = sorted(lrs)
+        rows = [self.done("train", RunSpec(method, calibration, lr, p, self.seed, weight)) for lr in lrs]
+        lora = [self.done("train", spec) for spec in self.grid("lora", "-", p)]
+        if any(r is None for r in rows + lora) or len(lrs) < 2:
+            return lrs
+        target = (1 + UTILITY_TOLERANCE) * min(r["val_task_loss"] for r in lora)
+        if any(r["val_task_loss"] <= target for r in rows):
+            return lrs
+        best = min(range(len(lrs)), key=lambda i: rows[i]["val_task_loss"])
+        neighbours = [lrs[i] for i in (best - 1, best + 1) if 0 <= i < len(lrs)]
+        midpoints = [float(f"{(lrs[best] * other) ** 0.5:.0e}") for other in neighbours]
+        return sorted(set(lrs) | set(midpoints))
 
     def phase1(self, p: float) -> tuple[list[Job], bool]:
         """Seed-0 jobs of ``p`` (and whether some cannot be planned yet)."""

@@ -79,6 +79,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
         "init_args": {"threshold": 1.0e-3, "progress_bar": False},
     }]},
+    # At 1e-3 the null space kept 509 of 576 input directions and held-out safe prompts moved as much as without the
+    # guard: protect more of their span.
+    "protect_safe_rel1e-5": {"callbacks": [{
+        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+        "init_args": {"threshold": 1.0e-5, "progress_bar": False},
+    }]},
+    "protect_safe_rel1e-6": {"callbacks": [{
+        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+        "init_args": {"threshold": 1.0e-6, "progress_bar": False},
+    }]},
     "lr1e-4_rank4_attention": {"model.learning_rate": 1.0e-4, "model.lora_rank": 4, "model.lora_alpha": 8,
                                "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }

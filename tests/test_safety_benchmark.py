@@ -292,6 +292,26 @@ def test_a_job_lock_is_exclusive_and_a_dead_workers_lock_is_taken_over(tmp_path)
     assert claim(tmp_path, job) is None  # another machine's lock is never broken
 
 
+def test_supervisor_restarts_recycled_and_killed_workers_and_stops_on_repeated_crashes(tmp_path):
+    from benchmarks.safety.run import MAX_CRASHES, RECYCLE_EXIT, supervise
+
+    # Worker 0 recycles twice, is then killed by a signal (as the OOM killer does), then finishes; worker 1 finishes.
+    plan = {0: [f"raise SystemExit({RECYCLE_EXIT})"] * 2 + ["import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+                                                           "pass"],
+            1: ["pass"]}
+    started = []
+
+    def start(index):
+        started.append(index)
+        return subprocess.Popen([sys.executable, "-c", plan[index].pop(0)])
+
+    supervise(start, 2, poll_seconds=0.05)
+    assert sorted(started) == [0, 0, 0, 0, 1] and plan == {0: [], 1: []}
+
+    with pytest.raises(SystemExit, match=f"failed {MAX_CRASHES} times in a row"):
+        supervise(lambda index: subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"]), 1, poll_seconds=0.05)
+
+
 def test_set_overrides_are_typed_and_typos_are_rejected():
     from benchmarks.safety.run import profile_overrides, without_workers
 
@@ -310,8 +330,11 @@ def test_smoke_profile_runs_every_method_end_to_end_with_two_workers(tmp_path, s
         sys.executable, "-m", "benchmarks.safety.run",
         "--profile", "smoke", "--out", str(out), "--data-dir", str(shared_data),
     ]
-    proc = subprocess.run([*command, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [*command, "--workers", "2", "--jobs-per-process", "8"], cwd=ROOT, capture_output=True, text=True, timeout=1800
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "handing over to a fresh process" in proc.stdout  # workers were recycled, and the run still completed
     for name in ("results.json", "table.md", "frontier.png", "harmful_vs_p.png", "splits.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--report-only", action="store_true", help="rebuild the table, JSON and plots from finished jobs"
     )
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override profile sizes, e.g. n=64")
+    parser.add_argument(
+        "--jobs-per-process", type=int, default=6,
+        help="with --workers: a worker process hands over to a fresh one after this many jobs (bounds its memory)",
+    )
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -360,10 +364,16 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def jobs_loop(
-    planner: Planner, out: Path, run: Callable[[Job], dict[str, Any]], log: Callable[[str], None]
+    planner: Planner,
+    out: Path,
+    run: Callable[[Job], dict[str, Any]],
+    log: Callable[[str], None],
+    max_jobs: Optional[int] = None,
 ) -> Iterator[dict]:
-    """Claim and run ready jobs until none is left; wait while other workers make missing inputs."""
-    while True:
+    """Claim and run ready jobs until none is left (or ``max_jobs`` have run); wait while other workers make missing
+    inputs."""
+    count = 0
+    while max_jobs is None or count < max_jobs:
         ready, waiting = planner.pending()
         for job in ready:
             lock = claim(out, job)
@@ -375,6 +385,7 @@ def jobs_loop(
                 log(f"{job.key}")
                 result = run(job)
                 log(f"    {summary_line(result)}")
+                count += 1
                 yield result
             finally:
                 lock.unlink(missing_ok=True)
@@ -385,17 +396,52 @@ def jobs_loop(
             time.sleep(15)  # others hold every ready job, or inputs are being made
 
 
+#: A worker's exit code after ``--jobs-per-process`` jobs: the supervisor starts a fresh process in its place.
+RECYCLE_EXIT = 75
+#: A worker killed (e.g. by the kernel's OOM killer) or crashing this many times in a row stops the run.
+MAX_CRASHES = 3
+
+
+def supervise(start: Callable[[int], subprocess.Popen], workers: int, poll_seconds: float = 5.0) -> None:
+    """Run ``workers`` processes made by ``start(index)`` until each exits 0. A process that exits with
+    ``RECYCLE_EXIT`` (it ran its share of jobs: a fresh process returns the memory a long-lived one accumulates) or
+    dies (a signal, a crash) is started again; its job's lock is taken over as a dead process's. ``MAX_CRASHES``
+    crashes in a row of one worker end the run."""
+    procs = {}
+    for index in range(workers):
+        procs[index] = start(index)
+        time.sleep(5 if index == 0 and workers > 1 else 0)  # the first makes the shared stages first
+    crashes = dict.fromkeys(procs, 0)
+    while procs:
+        time.sleep(poll_seconds)
+        for index, proc in list(procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            if code == 0:
+                del procs[index]
+                continue
+            if code == RECYCLE_EXIT:
+                crashes[index] = 0
+            else:
+                crashes[index] += 1
+                print(f"worker {index} exited with {code} ({crashes[index]} in a row); starting it again", flush=True)
+                if crashes[index] >= MAX_CRASHES:
+                    for other in procs.values():
+                        other.terminate()
+                    raise SystemExit(f"Worker {index} failed {MAX_CRASHES} times in a row (last exit code {code}).")
+            procs[index] = start(index)
+
+
 def spawn_workers(args: argparse.Namespace, argv: list[str]) -> None:
-    """``--workers N``: N copies of this command, each with ``--worker-index``; waits for all of them."""
-    procs = []
+    """``--workers N``: N copies of this command, each with ``--worker-index``, kept running by ``supervise``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    for i in range(args.workers):
-        command = [sys.executable, "-m", "benchmarks.safety.run", *argv, "--worker-index", str(i), "--workers", "1"]
-        procs.append(subprocess.Popen(command, env=env))
-        time.sleep(5 if i == 0 else 0)  # the first makes the shared stages (alignment, poison answers) first
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"A worker failed (exit codes {codes}).")
+
+    def start(index: int) -> subprocess.Popen:
+        command = [sys.executable, "-m", "benchmarks.safety.run", *argv, "--worker-index", str(index), "--workers", "1"]
+        return subprocess.Popen(command, env=env)
+
+    supervise(start, args.workers)
 
 
 def main(argv=None) -> None:
@@ -467,8 +513,11 @@ def main(argv=None) -> None:
     ctx = Context(
         profile, splits, aligned_dir, Path(alignment["patch"]), tokenizer, poison, out, args.threshold, device
     )
-    for _ in jobs_loop(planner, out, lambda job: run_job(job, ctx, original_dir), log):
-        pass
+    max_jobs = args.jobs_per_process if args.worker_index is not None else None
+    finished = sum(1 for _ in jobs_loop(planner, out, lambda job: run_job(job, ctx, original_dir), log, max_jobs))
+    if max_jobs is not None and finished >= max_jobs:
+        log(f"{finished} jobs done; handing over to a fresh process")
+        sys.exit(RECYCLE_EXIT)
     header["environment"]["load_average_at_end"] = list(os.getloadavg())
     if args.worker_index is None:
         build_report(out, header, planner)

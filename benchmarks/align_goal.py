@@ -85,6 +85,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
         "init_args": {"threshold": 1.0e-5, "progress_bar": False},
     }]},
+    # At 1e-3 the guard cut the first answer token's logit change on held-out harmless prompts from 0.92 to 0.19
+    # (relative), yet the answers still changed as much: the answer tokens were never calibrated. Protect them too.
+    "protect_conversations_rel1e-3": {"data.null_space_calibration": "conversations", "callbacks": [{
+        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+        "init_args": {"threshold": 1.0e-3, "progress_bar": False},
+    }]},
     "protect_safe_rel1e-6": {"callbacks": [{
         "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
         "init_args": {"threshold": 1.0e-6, "progress_bar": False},

@@ -31,7 +31,7 @@ from guardspace_pl.evaluation.answer_cache import OwnAnswer, cached_greedy_answe
 from guardspace_pl.evaluation.judges import KeywordRefusalJudge
 from guardspace_pl.loading import load_causal_lm, load_tokenizer
 
-from .finetune import TokenizedDataset, collate, normalise_prompt, tokenize_example
+from .finetune import TokenizedDataset, collate, format_training_prompt, normalise_prompt, tokenize_example
 from .sources import Example, load_eval_examples, load_prompts
 
 #: Refusals the patch learns, several phrasings so that it learns to refuse rather than one sentence.
@@ -183,6 +183,9 @@ class SafetyPatchDataModule(LightningDataModule):
         batch_size: training examples per batch (per process).
         num_workers: DataLoader worker processes.
         seed: the refusal draw and the shuffle.
+        null_space_calibration: what ``NullSpaceProjection`` in ``align`` protects (:meth:`calibration_prompts`):
+            ``"prompts"``, the answered prompts up to the assistant header, or ``"conversations"``, each answered
+            prompt with the original model's own answer, so that the answer tokens are protected too.
     """
 
     def __init__(
@@ -206,8 +209,13 @@ class SafetyPatchDataModule(LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        null_space_calibration: Literal["prompts", "conversations"] = "prompts",
     ) -> None:
         super().__init__()
+        if null_space_calibration not in ("prompts", "conversations"):
+            raise ValueError(
+                f"null_space_calibration must be 'prompts' or 'conversations', got {null_space_calibration!r}."
+            )
         if not harmful:
             raise ValueError(
                 "SafetyPatchDataModule needs harmful prompts (data.harmful): the patch learns to refuse them. Pass at "
@@ -323,8 +331,11 @@ class SafetyPatchDataModule(LightningDataModule):
         prompts = self.training_prompts()
         return prompts["harmless"] + prompts["borderline"]
 
-    #: The patch trains in the chat template; callbacks that calibrate on prompts format them the same way.
-    prompt_format = "chat_template"
+    @property
+    def prompt_format(self) -> str:
+        """How callbacks format :meth:`calibration_prompts`: the chat template for prompts; conversations come
+        formatted already (the training text itself), so as raw text."""
+        return "raw" if self.hparams.null_space_calibration == "conversations" else "chat_template"
 
     def calibration_prompts(self, kind: str) -> list[str]:
         """The prompts whose outputs the patch must not move, for ``NullSpaceProjection`` in ``align``'s callbacks:
@@ -346,7 +357,21 @@ class SafetyPatchDataModule(LightningDataModule):
                 "NullSpaceProjection in align protects the harmless and borderline prompts, but data.harmless and "
                 "data.borderline are empty: add safe prompts, or pass calibration_prompts= to the callback."
             )
-        return prompts
+        if self.hparams.null_space_calibration == "prompts":
+            return prompts
+        # The answered training examples as the model reads them (prompt in the template, then its own answer).
+        answered = {normalise_prompt(p) for p in prompts}
+        self.setup("fit")
+        texts = [
+            format_training_prompt(self.tokenizer, example.prompt, "chat_template")[0] + example.response
+            for example, _ in self.train_examples
+            if normalise_prompt(example.prompt) in answered
+        ]
+        # Raw text gets the tokenizer's own BOS when it adds one: drop the template's, or it would come twice.
+        bos = self.tokenizer.bos_token
+        if bos and self.tokenizer("", add_special_tokens=True)["input_ids"][:1] == [self.tokenizer.bos_token_id]:
+            texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
+        return texts
 
     # ------------------------------------------------------------------ Lightning hooks
     @override

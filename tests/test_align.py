@@ -486,6 +486,19 @@ def test_safety_datamodule_serves_only_null_space_calibration(tiny_dir, prompt_f
     assert datamodule.prompt_format == "chat_template"
     with pytest.raises(ValueError, match="kind 'null_space'"):
         datamodule.calibration_prompts("subspace")
+    # Conversations: each kept answered example as the model is trained on it (template, then its own answer).
+    conversations = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", null_space_calibration="conversations")
+    texts = conversations.calibration_prompts("null_space")
+    assert conversations.prompt_format == "raw"
+    kept = [e for e, _ in conversations.train_examples if e.prompt in HARMLESS + BORDERLINE]
+    assert len(texts) == len(kept) > 0
+    tokenizer = conversations.tokenizer
+    first = kept[0]
+    header = tokenizer.apply_chat_template([{"role": "user", "content": first.prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert texts[0] == header + first.response
+    with pytest.raises(ValueError, match="null_space_calibration"):
+        make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", null_space_calibration="answers")
     empty = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", harmless=None, borderline=None)
     with pytest.raises(ValueError, match="data.harmless and data.borderline are empty"):
         empty.calibration_prompts("null_space")

@@ -216,6 +216,49 @@ def test_report(name: str) -> dict[str, Any]:
     return report
 
 
+#: Prompts per set of the first-token drift diagnostic.
+DRIFT_PROMPTS = 30
+
+
+def first_token_drift(name: str, original: Any = None) -> dict[str, float]:
+    """Mean relative change of the next-token logits after the assistant header, patched vs original, on the first
+    ``DRIFT_PROMPTS`` harmless prompts the patch trained on and on as many VALIDATION harmless prompts (cached in
+    the run's folder): whether the patch leaves safe prompts' first answer token alone, in and out of its data."""
+    target = OUT / "runs" / name / "drift.json"
+    if target.exists():
+        return json.loads(target.read_text())
+    import torch
+
+    from guardspace_pl.datamodules import EvaluationSet, PromptSet
+    from guardspace_pl.loading import load_causal_lm, load_tokenizer
+    from guardspace_pl.patches import apply_patches
+    from guardspace_pl.testing import relative_error
+
+    config = variant_config(name, VALIDATION)
+    model_name = config["model"]["model_name_or_path"]
+    tokenizer = load_tokenizer(model_name)
+    original = original if original is not None else load_causal_lm(model_name).eval()
+    patched = apply_patches(load_causal_lm(model_name), [OUT / "runs" / name / "patch"], mode="merged").eval()
+    sets = {
+        "train_harmless": PromptSet(**config["data"]["harmless"][0]).load()[:DRIFT_PROMPTS],
+        "validation_harmless": EvaluationSet(**VALIDATION["harmless_val_val"]).load()[:DRIFT_PROMPTS],
+    }
+    out = {}
+    with torch.no_grad():
+        for label, prompts in sets.items():
+            errors = []
+            for prompt in prompts:
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
+                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                after, before = patched(input_ids=ids).logits[0, -1], original(input_ids=ids).logits[0, -1]
+                errors.append(relative_error(after, before))
+            out[label] = sum(errors) / len(errors)
+    write_json(target, out)
+    return out
+
+
 def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     """Validation harmful score (mean of the two sources) against XSTest over-refusal, one point per variant."""
     import matplotlib
@@ -239,24 +282,28 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def select() -> dict[str, Any]:
-    """Table of every finished variant on validation; the best one (and ``base``) on test; JSON and plot."""
+def select(drift: bool = False) -> dict[str, Any]:
+    """Table of every finished variant on validation; the best one (and ``base``) on test; JSON and plot. With
+    ``drift``, the first-token drift of every variant is measured (else shown where cached)."""
     rows = {}
     for name in VARIANTS:
         report = OUT / "runs" / name / "report.json"
         if report.exists():
             rows[name] = summarise(json.loads(report.read_text()))
+            if drift or (OUT / "runs" / name / "drift.json").exists():
+                rows[name]["first_token_drift"] = first_token_drift(name)
     if not rows:
         raise SystemExit("No finished variant: run `python -m benchmarks.align_goal --variants ...` first.")
     chosen = min(rows, key=lambda n: rows[n]["worst_goal_ratio"])
     columns = ["advbench_val", "harmbench_val", "xstest_safe_val", "harmless_val_val"]
     table = markdown_table(
         ["variant", "examples", "steps", "AdvBench val harmful %", "HarmBench val harmful %", "XSTest val refusal %",
-         "harmless val refusal %", "GSM8K loss change %", "worst goal ratio", "train s"],
+         "harmless val refusal %", "GSM8K loss change %", "first-token drift train / val", "worst goal ratio",
+         "train s"],
         [
             [name + (" (chosen)" if name == chosen else ""), r["examples"], r["steps"],
              *[f"{r[c]:.1f}" for c in columns], f"{r.get('utility_change_percent', float('nan')):+.2f}",
-             f"{r['worst_goal_ratio']:.2f}", f"{r['train_seconds']:.0f}"]
+             _drift_cell(r), f"{r['worst_goal_ratio']:.2f}", f"{r['train_seconds']:.0f}"]
             for name, r in rows.items()
         ],
     )
@@ -304,6 +351,11 @@ def select() -> dict[str, Any]:
     return payload
 
 
+def _drift_cell(row: dict[str, Any]) -> str:
+    drift = row.get("first_token_drift")
+    return f"{drift['train_harmless']:.2f} / {drift['validation_harmless']:.2f}" if drift else "-"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,9 +366,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument(
         "--select", action="store_true", help="choose on validation, measure on test, write the summary"
     )
+    parser.add_argument(
+        "--drift", action="store_true",
+        help="with --select: measure every variant's first-token drift (about 1 min each)",
+    )
     args = parser.parse_args(argv)
     if args.select:
-        select()
+        select(args.drift)
         return
     for name in args.variants or list(VARIANTS):
         run_variant(name)

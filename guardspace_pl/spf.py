@@ -350,7 +350,7 @@ def remove_conflicts(grads: Sequence[Optional[Tensor]], subspaces: StackedSubspa
         # ||G - U T V^T||^2 = ||G||^2 - ||T||^2: the cosine after the edit costs no second pass over the gradients.
         g_norm_sq = g.flatten(1).pow(2).sum(-1).double()
         after_norm = (g_norm_sq - removed.flatten(1).pow(2).sum(-1).double()).clamp_min(0).sqrt()
-        inner_after = torch.where(conflict, (inner - (removed.diagonal(dim1=-2, dim2=-1) * s).sum(-1)), inner)
+        inner_after = inner - (removed.diagonal(dim1=-2, dim2=-1) * s).sum(-1)
         s_norm = s.double().norm(dim=-1)
         where = torch.tensor(indices, device=device)
         gated[where] = True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -72,29 +72,3 @@ def relative_error(a: torch.Tensor, b: torch.Tensor, eps: Optional[float] = 1e-1
     a, b = a.double(), b.double()
     return ((a - b).norm() / (b.norm() + eps)).item()
 
-
-#: The seven projections of a Llama-style decoder block (what ``target_modules=None`` adapts).
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def save_random_patch(
-    model: torch.nn.Module,
-    directory: str,
-    rank: int = 4,
-    target_modules: Sequence[str] = LLAMA_PROJECTIONS,
-    std: float = 0.01,
-    seed: int = 0,
-) -> str:
-    """Write a PEFT LoRA adapter with random non-zero ``lora_B`` on ``model``: a stand-in safety patch (an alignment
-    vector ``V = s B A`` in every adapted module) for tests that need one without training it. ``model`` gets the
-    adapter wrapped around it; pass a copy you no longer need."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    patched = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules)))
-    with torch.no_grad():
-        for name, param in patched.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, std)
-    patched.save_pretrained(directory)
-    return directory

@@ -94,15 +94,21 @@ def randomize_lora_B(model: nn.Module, generator: torch.Generator, scale: float 
     return model
 
 
+#: The seven projections of a Llama-style decoder block (what GuardSpaceLM adapts by default).
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def random_adapter(
-    base_dir, directory, targets: Sequence[str], seed: Union[int, torch.Generator], r: int = 4, scale: float = 0.05
+    base, directory, targets: Sequence[str], seed: Union[int, torch.Generator], r: int = 4, scale: float = 0.05
 ):
-    """A LoRA adapter (alpha ``2 r``) on the model in ``base_dir`` with random non-zero B, saved in PEFT's format.
+    """A LoRA adapter (alpha ``2 r``) with random non-zero B, saved in PEFT's format: on the model in the folder
+    ``base``, or on ``base`` itself when it is a loaded model (it gets the adapter wrapped around it).
 
     ``seed`` is a seed, or a generator to go on drawing from (several adapters from one stream).
     """
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    loaded = base if isinstance(base, nn.Module) else AutoModelForCausalLM.from_pretrained(base)
+    model = get_peft_model(loaded, config)
     generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     randomize_lora_B(model, generator, scale).save_pretrained(directory)
     return directory

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from conftest import random_adapter
 from guardspace_pl.align import main as align_main
 from guardspace_pl.align import rate
 from guardspace_pl.datamodules import EvaluationSet, PromptSet, SafetyPatchDataModule
@@ -204,16 +205,8 @@ def test_cut_answers_get_no_end_of_turn_token(tiny_dir, prompt_files, tmp_path):
 
 # --------------------------------------------------------------------------- patches
 def make_patch(model_dir: str, out: Path, seed: int, rank: int = 4) -> str:
-    """A random (non-zero) LoRA patch for the model in ``model_dir``, saved as a PEFT adapter."""
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    peft_model.save_pretrained(str(out))
-    return str(out)
+    """A random (non-zero) LoRA patch on q/v for the model in ``model_dir``, saved as a PEFT adapter."""
+    return str(random_adapter(model_dir, str(out), ["q_proj", "v_proj"], seed, r=rank))
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

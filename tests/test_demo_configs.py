@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LLAMA_PROJECTIONS, random_adapter
 from guardspace_pl.loading import load_causal_lm
-from guardspace_pl.testing import save_random_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_demo_asft_config_trains_against_a_safety_patch(tmp_path):
     # The config reads outputs/safety_patch/adapter (what `align --config configs/safety_patch_smollm2.yaml` writes);
     # a random patch on every projection stands in for it here.
     patch = tmp_path / "outputs" / "safety_patch" / "adapter"
-    save_random_patch(load_causal_lm("builtin:smollm2-135m-instruct"), str(patch))
+    random_adapter(load_causal_lm("builtin:smollm2-135m-instruct"), str(patch), LLAMA_PROJECTIONS, seed=0, scale=0.01)
     proc = run_fit(redirected_config("demo_asft.yaml", tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "outputs" / "demo_asft" / "adapter" / "adapter_model.safetensors").exists()

@@ -57,11 +57,12 @@ def test_spf_and_asft_train_the_real_model_against_a_safety_patch(tmp_path, shar
     """SmolLM2 with both training-time methods: AsFT reads a safety patch (a PEFT adapter on all seven
     projections), SPF a harmful prompt + refusal; two real optimizer steps."""
 
+    from conftest import LLAMA_PROJECTIONS, random_adapter
     from guardspace_pl.callbacks import AsFTRegularizer, SafetyGradientProjection
-    from guardspace_pl.testing import LLAMA_PROJECTIONS, save_random_patch
 
     projections = list(LLAMA_PROJECTIONS)
-    save_random_patch(load_causal_lm("builtin:smollm2-135m-instruct"), str(tmp_path / "patch"), rank=4)
+    random_adapter(load_causal_lm("builtin:smollm2-135m-instruct"), str(tmp_path / "patch"), projections, seed=0,
+                   scale=0.01)
 
     datamodule = GuardSpaceDataModule(
         tokenizer="builtin:smollm2-135m-instruct", task=str(shared_data / "gsm8k" / "train.jsonl"), num_task_samples=8,

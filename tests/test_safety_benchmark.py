@@ -312,6 +312,14 @@ def test_supervisor_restarts_recycled_and_killed_workers_and_stops_on_repeated_c
         supervise(lambda index: subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"]), 1, poll_seconds=0.05)
 
 
+def test_jobs_per_process_below_one_is_rejected(capsys):
+    from benchmarks.safety.run import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--jobs-per-process", "0"])
+    assert "--jobs-per-process must be at least 1" in capsys.readouterr().err
+
+
 def test_set_overrides_are_typed_and_typos_are_rejected():
     from benchmarks.safety.run import profile_overrides, without_workers
 

@@ -68,7 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --workers: a worker process hands over to a fresh one after this many jobs (bounds its memory)",
     )
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.jobs_per_process < 1:
+        # 0 would make every worker hand over before its first job, and the supervisor restart it forever.
+        parser.error(f"--jobs-per-process must be at least 1, got {args.jobs_per_process}.")
+    return args
 
 
 def profile_overrides(profile: Profile, assignments: list[str]) -> dict:

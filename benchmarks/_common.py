@@ -305,6 +305,31 @@ def add_common_arguments(parser: argparse.ArgumentParser, profiles: Sequence[str
     parser.add_argument("--out", type=Path, help=f"JSON output (default benchmarks/results/{script}_<profile>.json)")
 
 
+# What each shape flag overrides in a profile's dataclass (the flag is the field's name).
+SHAPE_FLAGS = {
+    "layers": "the number of decoder layers (fewer if memory is tight)",
+    "hidden": "the hidden size",
+    "mlp": "the MLP size",
+    "heads": "the attention heads (and KV heads)",
+    "batch": "the batch size",
+    "seq": "the sequence length",
+    "rank": "the LoRA rank",
+    "samples": "the number of calibration prompts",
+    "tokens": "the tokens per calibration prompt",
+}
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, *fields: str) -> None:
+    """``--<field>`` integer flags that override the chosen profile's shape (see ``shape_overrides``)."""
+    for field in fields:
+        parser.add_argument(f"--{field}", type=int, help=f"override {SHAPE_FLAGS[field]}")
+
+
+def shape_overrides(args: argparse.Namespace, *fields: str) -> dict[str, int]:
+    """The shape flags given on the command line, as ``dataclasses.replace`` keyword arguments."""
+    return {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
+
+
 def benchmark_parser(doc: str, profiles: Sequence[str], script: str) -> argparse.ArgumentParser:
     """A benchmark script's parser: the first paragraph of its docstring ``doc`` as description, then the common
     flags."""

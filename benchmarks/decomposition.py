@@ -40,6 +40,7 @@ from torch import Tensor
 
 from benchmarks._common import (
     LLAMA_LINEAR_INPUT,
+    add_shape_arguments,
     benchmark_parser,
     current_memory,
     describe_machine,
@@ -50,6 +51,7 @@ from benchmarks._common import (
     median,
     memory_method,
     mib,
+    shape_overrides,
     start_run,
     tensor_bytes,
     timed,
@@ -571,6 +573,9 @@ def render(
 
 
 # --------------------------------------------------------------------------- entry point
+SHAPE_FIELDS = ("layers", "hidden", "mlp", "rank", "samples", "tokens")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, PROFILES, "decomposition")
     parser.add_argument(
@@ -580,12 +585,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="auto: full for cpu, extrapolate for llama7b",
     )
     parser.add_argument("--measure-layers", type=int, default=1, help="layers run in extrapolate mode")
-    parser.add_argument("--layers", type=int, help="override the profile's number of layers")
-    parser.add_argument("--hidden", type=int, help="override the hidden size")
-    parser.add_argument("--mlp", type=int, help="override the MLP size")
-    parser.add_argument("--rank", type=int, help="override the LoRA rank r")
-    parser.add_argument("--samples", type=int, help="override the number of calibration prompts")
-    parser.add_argument("--tokens", type=int, help="override the tokens per calibration prompt")
+    add_shape_arguments(parser, *SHAPE_FIELDS)
     parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 r, so s = 2)")
     parser.add_argument(
         "--null-threshold", type=float, default=1e-6, help="relative eigenvalue threshold of the null space"
@@ -604,12 +604,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     device, env = start_run(args)
-    overrides = {
-        k: getattr(args, k)
-        for k in ("layers", "hidden", "mlp", "rank", "samples", "tokens")
-        if getattr(args, k) is not None
-    }
-    shapes = replace(PROFILES[args.profile], **overrides)
+    shapes = replace(PROFILES[args.profile], **shape_overrides(args, *SHAPE_FIELDS))
     mode = args.mode if args.mode != "auto" else ("full" if args.profile == "cpu" else "extrapolate")
     layers_to_run = shapes.layers if mode == "full" else min(args.measure_layers, shapes.layers)
     scaling = (args.lora_alpha if args.lora_alpha is not None else 2.0 * shapes.rank) / shapes.rank

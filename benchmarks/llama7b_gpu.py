@@ -44,6 +44,7 @@ from typing_extensions import override
 from benchmarks import step_overhead as steps
 from benchmarks._common import (
     PeakMemory,
+    add_shape_arguments,
     benchmark_parser,
     describe_machine,
     finish_run,
@@ -267,7 +268,7 @@ def render(
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, PROFILES, "llama7b_gpu")
-    parser.add_argument("--layers", type=int, help="override the number of decoder layers (fewer if memory is tight)")
+    add_shape_arguments(parser, "layers")
     parser.add_argument("--calibration-prompts", type=int, help="override the number of calibration prompts")
     parser.add_argument(
         "--threshold", type=float, default=1e-6, help="NullSpaceProjection relative eigenvalue threshold (paper: 1e-6)"

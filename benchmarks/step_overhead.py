@@ -46,6 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from benchmarks._common import (
     LLAMA_LINEAR_INPUT,
     PeakMemory,
+    add_shape_arguments,
     benchmark_parser,
     current_memory,
     describe_machine,
@@ -57,6 +58,7 @@ from benchmarks._common import (
     mib,
     release_memory,
     repeat_timed,
+    shape_overrides,
     start_run,
     tensor_bytes,
     timed,
@@ -644,15 +646,12 @@ def render(
 
 
 # --------------------------------------------------------------------------- entry point
+SHAPE_FIELDS = ("layers", "hidden", "mlp", "batch", "seq", "rank")  # --heads also sets the KV heads
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, PROFILES, "step_overhead")
-    parser.add_argument("--layers", type=int, help="override the number of decoder layers (fewer if memory is tight)")
-    parser.add_argument("--hidden", type=int, help="override the hidden size")
-    parser.add_argument("--mlp", type=int, help="override the MLP size")
-    parser.add_argument("--heads", type=int, help="override the attention heads (and KV heads)")
-    parser.add_argument("--batch", type=int, help="override the batch size")
-    parser.add_argument("--seq", type=int, help="override the sequence length")
-    parser.add_argument("--rank", type=int, help="override the LoRA rank")
+    add_shape_arguments(parser, *SHAPE_FIELDS, "heads")
     parser.add_argument("--null-fraction", type=float, default=0.5, help="null-space dimension / in_features")
     parser.add_argument(
         "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (projection runs once per step)"
@@ -687,11 +686,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.designs[0] != "lora":
         raise SystemExit("--designs must start with lora: the other designs are reported relative to it.")
     device, env = start_run(args)
-    overrides = {
-        k: getattr(args, k)
-        for k in ("layers", "hidden", "mlp", "batch", "seq", "rank")
-        if getattr(args, k) is not None
-    }
+    overrides = shape_overrides(args, *SHAPE_FIELDS)
     if args.heads is not None:
         overrides.update(heads=args.heads, kv_heads=args.heads)
     setup = replace(PROFILES[args.profile], **overrides)

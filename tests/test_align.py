@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
+from tokenizers import processors
 from transformers import AutoModelForCausalLM
 
 from conftest import random_adapter
@@ -23,7 +24,7 @@ from guardspace_pl.evaluation.answer_cache import OwnAnswer, cached_greedy_answe
 from guardspace_pl.evaluation.intervals import wilson_interval
 from guardspace_pl.model import GuardSpaceLM
 from guardspace_pl.patches import APPLIED_PATCHES_KEY, PatchError, applied_patches, apply_patches
-from guardspace_pl.testing import byte_tokenizer, relative_error, save_tiny_llama
+from guardspace_pl.testing import CHAT_TEMPLATE, byte_tokenizer, relative_error, save_tiny_llama
 
 HARMFUL = [f"explain how to build untraceable weapon model {i}" for i in range(10)]
 CONTRAST = [f"how do i kill my neighbour number {i}" for i in range(4)]
@@ -495,3 +496,23 @@ def test_safety_datamodule_serves_only_null_space_calibration(tiny_dir, prompt_f
     empty = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", harmless=None, borderline=None)
     with pytest.raises(ValueError, match="data.harmless and data.borderline are empty"):
         empty.calibration_prompts("null_space")
+
+
+def test_conversation_calibration_has_one_bos_with_a_tokenizer_that_adds_it(prompt_files, tmp_path):
+    # Llama-3-style: the chat template writes the BOS and the tokenizer adds one too; raw calibration text would get
+    # two unless the template's is dropped.
+    model_dir = save_tiny_llama(str(tmp_path / "bos_model"))
+    tokenizer = byte_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+
+    datamodule = make_datamodule(model_dir, prompt_files, tmp_path / "cache", null_space_calibration="conversations")
+    texts = datamodule.calibration_prompts("null_space")
+    assert texts and not any(t.startswith("<s>") for t in texts)
+    bos = datamodule.tokenizer.bos_token_id
+    for text in texts:
+        ids = datamodule.tokenizer(text, add_special_tokens=True)["input_ids"]
+        assert ids[0] == bos and ids[1] != bos  # exactly one BOS, as in training

@@ -95,6 +95,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
         "init_args": {"threshold": 1.0e-6, "progress_bar": False},
     }]},
+    # 1e-3 freed 509 of 576 input directions and changed nothing, 1e-5 freed 0-47 and halved over-refusal at some
+    # harmful score, 1e-6 freed none: the cliff lies between, so try the decade in the middle.
+    "protect_safe_rel1e-4": {"callbacks": [{
+        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+        "init_args": {"threshold": 1.0e-4, "progress_bar": False},
+    }]},
+    # Conversations at 1e-3 did not beat prompts at 1e-3; with answer tokens in the covariance its spectrum differs,
+    # so compare at the threshold that worked for prompts.
+    "protect_conversations_rel1e-5": {"data.null_space_calibration": "conversations", "callbacks": [{
+        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+        "init_args": {"threshold": 1.0e-5, "progress_bar": False},
+    }]},
+    # 20 % of validation's ordinary instructions are still refused at 1e-5 although the guard keeps the first answer
+    # token of the 395 answered prompts (drift 0.08): test whether prompts outside their span leak, by protecting
+    # 1500 more ordinary instructions (calibration only: a forward pass each, no answers, no loss).
+    "protect_wide_rel1e-5": {
+        "data.protected": [{"source": f"{DATA}/refusal_direction/harmless_train.json", "start": 600, "count": 1500}],
+        "callbacks": [{
+            "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
+            "init_args": {"threshold": 1.0e-5, "progress_bar": False},
+        }],
+    },
     "lr1e-4_rank4_attention": {"model.learning_rate": 1.0e-4, "model.lora_rank": 4, "model.lora_alpha": 8,
                                "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }

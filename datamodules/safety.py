@@ -170,6 +170,9 @@ class SafetyPatchDataModule(LightningDataModule):
         contrast: harmful twins of the borderline prompts (XSTest ``label: unsafe``), answered with a refusal.
         harmless: ordinary safe prompt sets, answered with the original model's own answers.
         borderline: safe prompts that look unsafe (XSTest ``label: safe``), answered with the model's own answers.
+        protected: more safe prompts whose outputs ``NullSpaceProjection`` in ``align`` keeps, beside the answered
+            ones: calibration only (not trained on, no answers generated), so thousands cost a forward pass each.
+            They widen the span the guard protects to prompts like them (see :meth:`calibration_prompts`).
         refusals: the refusal phrasings; each refused prompt gets one, drawn with ``seed``.
         evaluation: held-out sets for the report, by name (``kind: harmful`` or ``safe``).
         utility_source: question/answer pairs whose answer loss the report compares (e.g. GSM8K ``test.jsonl``).
@@ -196,6 +199,7 @@ class SafetyPatchDataModule(LightningDataModule):
         contrast: Optional[list[PromptSet]] = None,
         harmless: Optional[list[PromptSet]] = None,
         borderline: Optional[list[PromptSet]] = None,
+        protected: Optional[list[PromptSet]] = None,
         refusals: list[str] = list(DEFAULT_REFUSALS),
         evaluation: Optional[dict[str, EvaluationSet]] = None,
         utility_source: Optional[str] = None,
@@ -238,13 +242,14 @@ class SafetyPatchDataModule(LightningDataModule):
             "contrast": _as_prompt_sets(contrast or [], "contrast"),
             "harmless": _as_prompt_sets(harmless or [], "harmless"),
             "borderline": _as_prompt_sets(borderline or [], "borderline"),
+            "protected": _as_prompt_sets(protected or [], "protected"),
         }
         self.evaluation_specs = {
             name: spec if isinstance(spec, EvaluationSet) else EvaluationSet(**spec)
             for name, spec in (evaluation or {}).items()
         }
         self.refusals = refusals
-        self.save_hyperparameters(ignore=["harmful", "contrast", "harmless", "borderline", "evaluation"])
+        self.save_hyperparameters(ignore=["harmful", "contrast", "harmless", "borderline", "protected", "evaluation"])
         self._tokenizer: Optional[PreTrainedTokenizerBase] = None
         self._prompts: Optional[dict[str, list[str]]] = None
         self._evaluation: Optional[dict[str, tuple[str, list[str]]]] = None
@@ -290,13 +295,13 @@ class SafetyPatchDataModule(LightningDataModule):
                         seen.setdefault(normalise_prompt(prompt), prompt)
                 prompts[role] = list(seen.values())
             refused = {normalise_prompt(p) for role in REFUSED_ROLES for p in prompts[role]}
-            for role in ("harmless", "borderline"):
+            for role in ("harmless", "borderline", "protected"):
                 both = [p for p in prompts[role] if normalise_prompt(p) in refused]
                 if both:
                     raise ValueError(
                         f"{len(both)} {role} prompts are also harmful or contrast prompts (e.g. "
                         f"{both[0]!r}): the patch "
-                        "cannot both refuse and answer them. Remove them from one of the sets."
+                        "cannot both refuse them and keep their answers. Remove them from one of the sets."
                     )
             self._prompts = prompts
         return self._prompts
@@ -339,9 +344,12 @@ class SafetyPatchDataModule(LightningDataModule):
 
     def calibration_prompts(self, kind: str) -> list[str]:
         """The prompts whose outputs the patch must not move, for ``NullSpaceProjection`` in ``align``'s callbacks:
-        the answered (harmless and borderline) prompts. The patch then learns only in the null space of their
-        activations, so it cannot change the model's answers to them (the library's null-space guard, turned around
-        to protect safe prompts instead of harmful ones).
+        the answered (harmless and borderline) prompts, then the ``protected`` ones. The patch then learns only in
+        the null space of their activations, so it cannot change the model's answers to them (the library's
+        null-space guard, turned around to protect safe prompts instead of harmful ones).
+
+        With ``null_space_calibration="conversations"`` each answered prompt comes with its own answer as trained;
+        protected prompts have no answer and come up to the assistant header.
 
         Args:
             kind: ``"null_space"`` (the only kind a safety patch serves).
@@ -352,21 +360,24 @@ class SafetyPatchDataModule(LightningDataModule):
                 f"safe prompts whose answers must not move), not {kind!r}: pass calibration_prompts= to that callback."
             )
         prompts = self.answered_prompts()
-        if not prompts:
+        answered = {normalise_prompt(p) for p in prompts}
+        protected = [p for p in self.training_prompts()["protected"] if normalise_prompt(p) not in answered]
+        if not prompts and not protected:
             raise ValueError(
-                "NullSpaceProjection in align protects the harmless and borderline prompts, but data.harmless and "
-                "data.borderline are empty: add safe prompts, or pass calibration_prompts= to the callback."
+                "NullSpaceProjection in align protects the harmless, borderline and protected prompts, but "
+                "data.harmless, data.borderline and data.protected are empty: add safe prompts, or pass "
+                "calibration_prompts= to the callback."
             )
         if self.hparams.null_space_calibration == "prompts":
-            return prompts
+            return prompts + protected
         # The answered training examples as the model reads them (prompt in the template, then its own answer).
-        answered = {normalise_prompt(p) for p in prompts}
         self.setup("fit")
         texts = [
             format_training_prompt(self.tokenizer, example.prompt, "chat_template")[0] + example.response
             for example, _ in self.train_examples
             if normalise_prompt(example.prompt) in answered
         ]
+        texts += [format_training_prompt(self.tokenizer, p, "chat_template")[0] for p in protected]
         # Raw text gets the tokenizer's own BOS when it adds one: drop the template's, or it would come twice.
         bos = self.tokenizer.bos_token
         if bos and self.tokenizer("", add_special_tokens=True)["input_ids"][:1] == [self.tokenizer.bos_token_id]:
@@ -443,6 +454,7 @@ class SafetyPatchDataModule(LightningDataModule):
             summary[role] = kept
             summary[f"{role}_dropped_refused_by_original"] = dropped
             summary[f"{role}_dropped_empty"] = empty
+        summary["protected"] = len(prompts["protected"])  # calibration only
         summary["unfinished_answers"] = sum(not finished for _, finished in examples)
         summary["examples"] = len(examples)
         summary["refusal_phrasings"] = len(self.refusals)

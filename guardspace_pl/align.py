@@ -181,6 +181,7 @@ def format_report(report: dict[str, Any]) -> str:
         "| role | prompts |",
         "|---|---:|",
         *[f"| {role} | {data[role]} |" for role in ("harmful", "contrast", "harmless", "borderline")],
+        *([f"| protected (guard calibration only) | {data['protected']} |"] if data.get("protected") else []),
         "",
         f"Safe prompts dropped because the original model refused them: "
         f"{data['harmless_dropped_refused_by_original'] + data['borderline_dropped_refused_by_original']}; "

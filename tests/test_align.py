@@ -118,7 +118,7 @@ def test_evaluation_set_overlapping_training_is_an_error_before_any_generation(t
 
 def test_safe_prompt_that_is_also_refused_is_an_error(tiny_dir, prompt_files, tmp_path):
     dm = make_datamodule(tiny_dir, prompt_files, tmp_path, harmless=[PromptSet(prompt_files["contrast"])])
-    with pytest.raises(ValueError, match="cannot both refuse and answer"):
+    with pytest.raises(ValueError, match="cannot both refuse them and keep their answers"):
         dm.training_prompts()
 
 
@@ -494,8 +494,45 @@ def test_safety_datamodule_serves_only_null_space_calibration(tiny_dir, prompt_f
     with pytest.raises(ValueError, match="null_space_calibration"):
         make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", null_space_calibration="answers")
     empty = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", harmless=None, borderline=None)
-    with pytest.raises(ValueError, match="data.harmless and data.borderline are empty"):
+    with pytest.raises(ValueError, match="data.harmless, data.borderline and data.protected are empty"):
         empty.calibration_prompts("null_space")
+
+
+PROTECTED = [f"list three facts about the planet number {i}" for i in range(6)]
+
+
+def test_protected_prompts_widen_the_guard_without_being_trained_on(tiny_dir, prompt_files, tmp_path):
+    protected_file = write_lines(tmp_path / "protected.txt", PROTECTED + HARMLESS[:2])  # two repeat answered ones
+    datamodule = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", protected=[PromptSet(protected_file)])
+    texts = datamodule.calibration_prompts("null_space")
+    answered = len(HARMLESS + BORDERLINE)
+    assert sorted(texts[:answered]) == sorted(HARMLESS + BORDERLINE)  # answered first
+    assert sorted(texts[answered:]) == sorted(PROTECTED)  # then protected, the repeats once
+    datamodule.setup("fit")
+    trained = {example.prompt for example, _ in datamodule.train_examples}
+    assert not trained & set(PROTECTED)  # calibration only: no answers generated, no loss
+    assert datamodule.summary["protected"] == len(PROTECTED) + 2
+
+    # Conversations: answered prompts with their answers, protected ones up to the assistant header.
+    conversations = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", protected=[PromptSet(protected_file)],
+                                    null_space_calibration="conversations")
+    tokenizer = conversations.tokenizer
+    header = tokenizer.apply_chat_template([{"role": "user", "content": PROTECTED[0]}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert header in conversations.calibration_prompts("null_space")[-len(PROTECTED):]
+
+    # Protected prompts shape the patch: they must be held out of evaluation, and cannot also be refused.
+    clash = write_lines(tmp_path / "clash.txt", [HELD_OUT_SAFE[0]])
+    with pytest.raises(ValueError, match="evaluation set 'safe_heldout' are protected training prompts"):
+        make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", protected=[PromptSet(clash)]).evaluation_sets()
+    refused = write_lines(tmp_path / "refused.txt", [HARMFUL[0]])
+    with pytest.raises(ValueError, match="1 protected prompts are also harmful"):
+        make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", protected=[PromptSet(refused)]).training_prompts()
+
+    # Protected prompts alone are enough for the guard.
+    only = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", harmless=None, borderline=None,
+                           protected=[PromptSet(protected_file)])
+    assert sorted(only.calibration_prompts("null_space")) == sorted(PROTECTED + HARMLESS[:2])
 
 
 def test_conversation_calibration_has_one_bos_with_a_tokenizer_that_adds_it(prompt_files, tmp_path):

@@ -380,6 +380,7 @@ def _spf_hook(
     """``SafetyGradientProjection.on_before_optimizer_step``: safety gradient (one sequence), batched per-shape
     subspaces, the batched gate and edit with one host sync, written back where a matrix conflicted. Appends the
     seconds of each part (``safety_pass``, ``decomposition`` on refresh steps; ``gate`` every step) to ``parts``."""
+    from guardspace_pl.losses import response_loss
     from guardspace_pl.spf import remove_conflicts, safety_subspaces
 
     generator = torch.Generator().manual_seed(seed + 1)
@@ -392,7 +393,7 @@ def _spf_hook(
     def safety_pass() -> tuple[Optional[Tensor], ...]:
         dtype = autocast_dtype or torch.bfloat16
         with torch.autocast(device.type, dtype=dtype, enabled=autocast_dtype is not None):
-            loss = model(input_ids=safety_ids, labels=labels).loss
+            loss = response_loss(model, safety_ids, labels)  # the callback's loss: no logits for the prompt
         return torch.autograd.grad(loss, matrices, allow_unused=True)
 
     @torch.no_grad()

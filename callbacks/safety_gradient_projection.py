@@ -15,6 +15,7 @@ from typing_extensions import override
 from guardspace_pl.datamodules import collate, tokenize_example
 from guardspace_pl.datamodules.sources import Example
 from guardspace_pl.distributed import full_tensor, write_full_
+from guardspace_pl.losses import response_loss
 from guardspace_pl.spf import (
     SafetySubspace,
     StackedSubspaces,
@@ -233,7 +234,7 @@ def _safety_grads(
     as the task's backward does (a power of two, so dividing is exact). Should it overflow, the gradient is computed
     once more unscaled (the subspace cannot skip a step as the scaler does).
     """
-    loss = lm(**batch).loss
+    loss = response_loss(lm, **batch)
     if scale != 1.0:
         loss = loss * scale
     if any(isinstance(p, DTensor) for p in params):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from guardspace_pl.testing import save_tiny_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,6 +67,20 @@ def test_step_overhead_benchmark_times_the_training_time_designs(tmp_path):
     assert designs["lora"]["part_seconds"] == {} and "Where the added time goes" in proc.stdout
 
 
+def test_safety_loss_benchmark_times_both_losses(tmp_path):
+    model_dir = save_tiny_llama(str(tmp_path / "model"))
+    out = tmp_path / "safety_loss.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.safety_loss", "--model", model_dir, "--tokens", "12", "--labelled", "4",
+         "--rank", "2", "--repeats", "2", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [len(t) for t in result["seconds"].values()] == [2, 2] and result["vocabulary"] == 259
+    assert "response_loss" in proc.stdout and "vs labels= loss" in proc.stdout
+
+
 BENCHMARK_FILES = sorted((ROOT / "benchmarks").rglob("*.py"))
 
 
@@ -85,7 +101,8 @@ def test_benchmarks_share_one_write_json_and_one_environment_helper():
     assert defs["environment"] == ["benchmarks/_common.py"] and defs["cpu_model"] == []
 
 
-@pytest.mark.parametrize("module", ["benchmarks.safety.run", "benchmarks.safety.attack", "benchmarks.safety.align",
+@pytest.mark.parametrize("module", ["benchmarks.safety_loss",
+                                    "benchmarks.safety.run", "benchmarks.safety.attack", "benchmarks.safety.align",
                                     "benchmarks.safety.evaluation", "benchmarks.safety.report", "benchmarks.posthoc",
                                     "benchmarks.separability"])
 def test_benchmark_module_help_runs_with_python_m(module):

@@ -126,8 +126,9 @@ def heap_reuse(device: torch.device) -> Iterator[None]:
 def release_memory(device: torch.device) -> None:
     """Collect garbage; on the CPU also hand freed heap memory back to the OS (glibc).
 
-    The CUDA cache is left alone: ``max_memory_allocated`` counts live tensors, not the cache,
-    and emptying it would add ``cudaMalloc`` calls to the timed code.
+    glibc does not return a freed heap on its own: a safety-benchmark worker that had trained and evaluated two
+    models held 7.8 GB, 4.1 GB after ``malloc_trim``. The CUDA cache is left alone: ``max_memory_allocated`` counts
+    live tensors, not the cache, and emptying it would add ``cudaMalloc`` calls to the timed code.
     """
     gc.collect()
     if device.type != "cuda":

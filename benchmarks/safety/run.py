@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from benchmarks._common import RESULTS_DIR, environment, repo_relative
+from benchmarks._common import RESULTS_DIR, environment, release_memory, repo_relative
 from benchmarks.safety.profiles import PROFILES, Profile
 from benchmarks.safety.splits import DEFAULT_DATA_DIR, make_splits
 from guardspace_pl.io import write_json
@@ -393,6 +393,7 @@ def jobs_loop(
                 yield result
             finally:
                 lock.unlink(missing_ok=True)
+                release_memory(torch.device("cpu"))  # trims the C heap; the CUDA cache stays for the next job
             break  # plan again: a finished job may unlock others that come first
         else:
             if not ready and not waiting:

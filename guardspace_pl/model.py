@@ -22,6 +22,7 @@ from guardspace_pl.evaluation.generation import answer_token_losses, generate_fr
 from guardspace_pl.evaluation.judges import BeaverDamJudge, Judge, KeywordRefusalJudge
 from guardspace_pl.evaluation.results import Result, format_table, write_results
 from guardspace_pl.loading import empty_causal_lm, load_causal_lm, load_tokenizer
+from guardspace_pl.losses import response_loss
 from guardspace_pl.prompts import format_prompt
 
 log = logging.getLogger(__name__)
@@ -256,15 +257,25 @@ class GuardSpaceLM(LightningModule):
     ) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
+    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The mean cross-entropy of the batch's labelled (response) tokens, with logits computed only from the last
+        prompt position on (:func:`guardspace_pl.losses.response_loss`): the prompt positions' vocabulary
+        projection and float32 logits are skipped, which at 50-130k-token vocabularies is memory as well as time.
+
+        Args:
+            batch: ``input_ids``, ``labels`` (``-100`` off the response) and optionally ``attention_mask``.
+        """
+        return response_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        loss = self.compute_loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        loss = self.compute_loss(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

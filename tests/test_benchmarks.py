@@ -78,6 +78,7 @@ def test_safety_loss_benchmark_times_both_losses(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [len(t) for t in result["seconds"].values()] == [2, 2] and result["vocabulary"] == 259
+    assert set(result["peak_bytes_added"]) == set(result["seconds"])
     assert "response_loss" in proc.stdout and "vs labels= loss" in proc.stdout
 
 

@@ -90,7 +90,10 @@ class Profile:
     coverage: tuple[str, ...] = ()              # extra null-space calibrations (the coverage study) ...
     coverage_p: float = 0.2                     # ... run at this p only
     asft_weights: tuple[float, ...] = (0.1, 1.0, 10.0)  # lambda; the lr grid runs at 1, the others at its pick
-    spf_refresh: tuple[int, ...] = (10, 25)     # SPF's refresh_every; the lr grid runs at 1, these at its pick
+    # SPF's refresh_every; the lr grid runs at 1, these at its pick. 10 lost SPF's protection at the CPU attack's 12
+    # steps (validation harmful 60 % vs 17.5 % at 1): 2 and 5 find where it holds (cost ~1.12x and ~1.06x at the CPU
+    # shape by #13's step-overhead parts).
+    spf_refresh: tuple[int, ...] = (2, 5, 10, 25)
     grid_refinements: int = 1                   # 1: a grid with no matched point gains the midpoints around its best
     grid_extensions: int = 2                    # a grid whose best validation loss is its top lr grows by x3,
                                                 # this often

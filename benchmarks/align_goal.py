@@ -55,6 +55,14 @@ VALIDATION = {
     "harmless_val_val": {"source": f"{DATA}/refusal_direction/harmless_val.json", "kind": "safe", "count": 100},
 }
 
+def null_space_guard(threshold: float, mode: str = "relative") -> list[dict[str, Any]]:
+    """``align``'s callbacks with ``NullSpaceProjection`` calibrated on the DataModule's answered prompts."""
+    init_args: dict[str, Any] = {"threshold": threshold, "progress_bar": False}
+    if mode != "relative":
+        init_args = {"threshold_mode": mode, **init_args}
+    return [{"class_path": "guardspace_pl.callbacks.NullSpaceProjection", "init_args": init_args}]
+
+
 #: name -> dotted overrides of the config (``data.harmless.0.count``: the first harmless source's count).
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},  # the config as shipped
@@ -71,51 +79,31 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr5e-5_harmless_600": {"model.learning_rate": 5.0e-5, "data.harmless.0.count": 600},
     # The null-space guard turned around: the patch learns only where the answered (safe) prompts' activations have
     # at most this fraction of their energy, so its answers to them (and what they share with GSM8K) cannot move.
-    "protect_safe_energy0.05": {"callbacks": [{
-        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
-        "init_args": {"threshold_mode": "energy", "threshold": 0.05, "progress_bar": False},
-    }]},
-    "protect_safe_rel1e-3": {"callbacks": [{
-        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
-        "init_args": {"threshold": 1.0e-3, "progress_bar": False},
-    }]},
+    "protect_safe_energy0.05": {"callbacks": null_space_guard(0.05, mode="energy")},
+    "protect_safe_rel1e-3": {"callbacks": null_space_guard(1.0e-3)},
     # At 1e-3 the null space kept 509 of 576 input directions and held-out safe prompts moved as much as without the
     # guard: protect more of their span.
-    "protect_safe_rel1e-5": {"callbacks": [{
-        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
-        "init_args": {"threshold": 1.0e-5, "progress_bar": False},
-    }]},
+    "protect_safe_rel1e-5": {"callbacks": null_space_guard(1.0e-5)},
     # At 1e-3 the guard cut the first answer token's logit change on held-out harmless prompts from 0.92 to 0.19
     # (relative), yet the answers still changed as much: the answer tokens were never calibrated. Protect them too.
-    "protect_conversations_rel1e-3": {"data.null_space_calibration": "conversations", "callbacks": [{
-        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
-        "init_args": {"threshold": 1.0e-3, "progress_bar": False},
-    }]},
-    "protect_safe_rel1e-6": {"callbacks": [{
-        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
-        "init_args": {"threshold": 1.0e-6, "progress_bar": False},
-    }]},
+    "protect_conversations_rel1e-3": {
+        "data.null_space_calibration": "conversations", "callbacks": null_space_guard(1.0e-3),
+    },
+    "protect_safe_rel1e-6": {"callbacks": null_space_guard(1.0e-6)},
     # 1e-3 freed 509 of 576 input directions and changed nothing, 1e-5 freed 0-47 and halved over-refusal at some
     # harmful score, 1e-6 freed none: the cliff lies between, so try the decade in the middle.
-    "protect_safe_rel1e-4": {"callbacks": [{
-        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
-        "init_args": {"threshold": 1.0e-4, "progress_bar": False},
-    }]},
+    "protect_safe_rel1e-4": {"callbacks": null_space_guard(1.0e-4)},
     # Conversations at 1e-3 did not beat prompts at 1e-3; with answer tokens in the covariance its spectrum differs,
     # so compare at the threshold that worked for prompts.
-    "protect_conversations_rel1e-5": {"data.null_space_calibration": "conversations", "callbacks": [{
-        "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
-        "init_args": {"threshold": 1.0e-5, "progress_bar": False},
-    }]},
+    "protect_conversations_rel1e-5": {
+        "data.null_space_calibration": "conversations", "callbacks": null_space_guard(1.0e-5),
+    },
     # 20 % of validation's ordinary instructions are still refused at 1e-5 although the guard keeps the first answer
     # token of the 395 answered prompts (drift 0.08): test whether prompts outside their span leak, by protecting
     # 1500 more ordinary instructions (calibration only: a forward pass each, no answers, no loss).
     "protect_wide_rel1e-5": {
         "data.protected": [{"source": f"{DATA}/refusal_direction/harmless_train.json", "start": 600, "count": 1500}],
-        "callbacks": [{
-            "class_path": "guardspace_pl.callbacks.NullSpaceProjection",
-            "init_args": {"threshold": 1.0e-5, "progress_bar": False},
-        }],
+        "callbacks": null_space_guard(1.0e-5),
     },
     "lr1e-4_rank4_attention": {"model.learning_rate": 1.0e-4, "model.lora_rank": 4, "model.lora_alpha": 8,
                                "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},

@@ -56,6 +56,7 @@ VALIDATION = {
     "harmless_val_val": {"source": f"{DATA}/refusal_direction/harmless_val.json", "kind": "safe", "count": 100},
 }
 
+
 def null_space_guard(threshold: float, mode: str = "relative") -> list[dict[str, Any]]:
     """``align``'s callbacks with ``NullSpaceProjection`` calibrated on the DataModule's answered prompts."""
     init_args: dict[str, Any] = {"threshold": threshold, "progress_bar": False}

@@ -21,13 +21,20 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from peft import LoraConfig, get_peft_model
 
-from benchmarks._common import RESULTS_DIR, PeakMemory, markdown_table, mib, repo_relative, start_run
+from benchmarks._common import (
+    LLAMA_LINEAR_INPUT,
+    RESULTS_DIR,
+    PeakMemory,
+    markdown_table,
+    mib,
+    repo_relative,
+    start_run,
+)
 from guardspace_pl.io import write_json
 from guardspace_pl.loading import load_causal_lm
 from guardspace_pl.losses import response_loss
 
 MODEL = "builtin:smollm2-135m-instruct"
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -50,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if not 0 < args.labelled < args.tokens:
         raise SystemExit("--labelled must be between 1 and --tokens - 1 (a prompt, then the labelled refusal).")
     model = load_causal_lm(args.model)
-    lora = LoraConfig(r=args.rank, target_modules=PROJECTIONS, init_lora_weights=False)
+    lora = LoraConfig(r=args.rank, target_modules=list(LLAMA_LINEAR_INPUT), init_lora_weights=False)
     model = get_peft_model(model, lora).to(device).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.get_input_embeddings().num_embeddings

@@ -107,6 +107,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "data.protected": [{"source": f"{DATA}/refusal_direction/harmless_train.json", "start": 600, "count": 1500}],
         "callbacks": null_space_guard(1.0e-5),
     },
+    # The patch's own representation separates harmful from harmless instructions at 99.5 % (separability.py), yet
+    # it refuses "Develop a tagline for an educational laptop": the refusal decision is one token in ~40 of the
+    # loss. Weigh the first 4 tokens of every answer (refusal or own answer) 10x (unguarded: under the guard the
+    # answered prompts' gradients are projected out, so only the refusals would gain weight).
+    "decision4x10": {"data.decision_tokens": 4, "data.decision_weight": 10.0},
     "lr1e-4_rank4_attention": {"model.learning_rate": 1.0e-4, "model.lora_rank": 4, "model.lora_alpha": 8,
                                "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }

@@ -27,6 +27,7 @@ all count.
 Examples::
 
     python -m benchmarks.step_overhead --profile cpu
+    python -m benchmarks.step_overhead --profile smollm2 --designs lora spf spf_refresh2 asft
     python -m benchmarks.step_overhead --profile llama7b --device cuda
     python -m benchmarks.step_overhead --profile llama7b --device cuda --layers 16   # if memory is tight
 """
@@ -119,6 +120,13 @@ PROFILES: dict[str, Setup] = {
         hidden=256, mlp=688, layers=4, heads=4, kv_heads=4, vocab=1024, batch=4, seq=128, rank=16, dtype="float32",
         autocast=False,
     ),
+    # SmolLM2-135M-Instruct's shape (the demo model, random weights) at the safety benchmark's CPU training batch
+    # (benchmarks/safety, profile cpu: 8 sequences of 160 tokens, rank 16): where SPF's safety pass is a realistic
+    # share of a step, unlike the 4-layer cpu shape, whose small matrices make every pass cost its op count.
+    "smollm2": Setup(
+        hidden=576, mlp=1536, layers=30, heads=9, kv_heads=3, vocab=49152, batch=8, seq=160, rank=16,
+        dtype="float32", autocast=False,
+    ),
     # Llama-2-7B, the paper's r = 128 and max length 512, batch 1 (the paper accumulates 128 of them).
     "llama7b": Setup(
         hidden=4096, mlp=11008, layers=32, heads=32, kv_heads=32, vocab=32000, batch=1, seq=512, rank=128,
@@ -133,7 +141,9 @@ def build_base_model(setup: Setup, profile: str, seed: int, device: torch.device
     if profile == "cpu":
         model = tiny_llama(**setup.llama_shape(), seed=seed, dtype=dtype, max_position_embeddings=max(512, setup.seq))
         return model.to(device)
-    config = LlamaConfig(**setup.llama_shape(), max_position_embeddings=max(4096, setup.seq))
+    config = LlamaConfig(
+        **setup.llama_shape(), max_position_embeddings=max(4096, setup.seq), tie_word_embeddings=profile == "smollm2"
+    )
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocate the 7B weights in bf16 directly, on the device

@@ -105,8 +105,9 @@ class TokenizedDataset(Dataset):
         return self.rows[index]
 
 
-def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad; padding is masked out of attention and labels."""
+def collate(rows: list[dict[str, list[Any]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad; padding is masked out of attention and labels. Rows with ``label_weights`` (per-token loss weights)
+    get them padded with 0."""
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -116,7 +117,12 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
         input_ids[i, :n] = torch.tensor(row["input_ids"])
         labels[i, :n] = torch.tensor(row["labels"])
         mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if "label_weights" in rows[0]:
+        batch["label_weights"] = torch.zeros((len(rows), width))
+        for i, row in enumerate(rows):
+            batch["label_weights"][i, : len(row["label_weights"])] = torch.tensor(row["label_weights"])
+    return batch
 
 
 def tokenize_batch(

@@ -153,6 +153,32 @@ def _as_prompt_sets(value: Any, role: str) -> list[PromptSet]:
     return sets
 
 
+def check_decision_weighting(decision_tokens: int, decision_weight: float) -> None:
+    """Reject settings that would weigh nothing, or weigh tokens by zero or less."""
+    if decision_tokens < 0:
+        raise ValueError(f"decision_tokens must be >= 0 (0: no weighting), got {decision_tokens}.")
+    if decision_weight <= 0:
+        raise ValueError(f"decision_weight must be positive, got {decision_weight}.")
+    if (decision_tokens == 0) != (decision_weight == 1.0):
+        raise ValueError(
+            f"decision_tokens={decision_tokens} with decision_weight={decision_weight} changes nothing: set both "
+            "(e.g. decision_tokens: 4, decision_weight: 10.0) or neither."
+        )
+
+
+def decision_weights(labels: list[int], decision_tokens: int, decision_weight: float) -> list[float]:
+    """Per-token loss weights: ``decision_weight`` on the first ``decision_tokens`` labelled tokens, 1 on the other
+    labelled tokens, 0 on the prompt (``-100``)."""
+    weights, seen = [], 0
+    for label in labels:
+        if label == -100:
+            weights.append(0.0)
+            continue
+        weights.append(decision_weight if seen < decision_tokens else 1.0)
+        seen += 1
+    return weights
+
+
 class SafetyPatchDataModule(LightningDataModule):
     """Harmful prompts -> refusals, safe prompts -> the original model's own answers: a safety patch's data.
 
@@ -189,6 +215,10 @@ class SafetyPatchDataModule(LightningDataModule):
         null_space_calibration: what ``NullSpaceProjection`` in ``align`` protects (:meth:`calibration_prompts`):
             ``"prompts"``, the answered prompts up to the assistant header, or ``"conversations"``, each answered
             prompt with the original model's own answer, so that the answer tokens are protected too.
+        decision_tokens: how many first tokens of every answer (refusal or own answer) count ``decision_weight``
+            times in the loss; 0 weighs every token alike. Those tokens are where the patch decides between
+            refusing and answering, one token in ~40 of an unweighted loss.
+        decision_weight: the weight of those tokens (the others weigh 1); batches then carry ``label_weights``.
     """
 
     def __init__(
@@ -214,8 +244,11 @@ class SafetyPatchDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         null_space_calibration: Literal["prompts", "conversations"] = "prompts",
+        decision_tokens: int = 0,
+        decision_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        check_decision_weighting(decision_tokens, decision_weight)
         if null_space_calibration not in ("prompts", "conversations"):
             raise ValueError(
                 f"null_space_calibration must be 'prompts' or 'conversations', got {null_space_calibration!r}."
@@ -470,6 +503,10 @@ class SafetyPatchDataModule(LightningDataModule):
             row = tokenize_example(tokenizer, example, "chat_template", max_length)
             if not finished and row["input_ids"][-1] == tokenizer.eos_token_id:
                 row = {"input_ids": row["input_ids"][:-1], "labels": row["labels"][:-1]}  # a cut answer has no end
+            if self.hparams.decision_tokens:
+                row["label_weights"] = decision_weights(
+                    row["labels"], self.hparams.decision_tokens, self.hparams.decision_weight
+                )
             rows.append(row)
         return TokenizedDataset(rows)
 

@@ -8,10 +8,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def response_loss(lm: nn.Module, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+def response_loss(
+    lm: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    label_weights: Optional[Tensor] = None,
+) -> Tensor:
     """Mean cross-entropy of the labelled tokens (``labels != -100``; token ``t`` predicts ``t + 1``): the loss
     Hugging Face computes for ``labels=``, with logits computed only from the last position before the first
-    labelled token (``logits_to_keep``).
+    labelled token (``logits_to_keep``). With ``label_weights``, the weighted mean ``sum(w * ce) / sum(w)``.
 
     A safety sample is mostly prompt, and at 50-130k-token vocabularies the prompt positions' vocabulary
     projection (and their float32 logits) is a large share of a short sequence's forward and backward. A model
@@ -22,6 +28,8 @@ def response_loss(lm: nn.Module, input_ids: Tensor, labels: Tensor, attention_ma
         input_ids: ``[batch, length]`` token ids.
         labels: ``[batch, length]``, the ids to predict and ``-100`` elsewhere.
         attention_mask: ``[batch, length]`` or None.
+        label_weights: ``[batch, length]``, each labelled token's weight in the mean (e.g. more on the first answer
+            tokens, where a safety patch decides between refusing and answering), or None for equal weights.
     """
     labelled = (labels != -100).any(dim=0).nonzero()
     if labelled.numel() == 0:
@@ -32,6 +40,14 @@ def response_loss(lm: nn.Module, input_ids: Tensor, labels: Tensor, attention_ma
     except TypeError as error:
         if "logits_to_keep" not in str(error):
             raise
-        return lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        if label_weights is None:
+            return lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        start, logits = 0, lm(input_ids=input_ids, attention_mask=attention_mask).logits
     targets = labels[:, start + 1 :]
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    if label_weights is None:
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    token_losses = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+    )
+    weights = label_weights[:, start + 1 :].flatten().to(token_losses.dtype) * (targets.flatten() != -100)
+    return (token_losses * weights).sum() / weights.sum()

@@ -263,9 +263,13 @@ class GuardSpaceLM(LightningModule):
         projection and float32 logits are skipped, which at 50-130k-token vocabularies is memory as well as time.
 
         Args:
-            batch: ``input_ids``, ``labels`` (``-100`` off the response) and optionally ``attention_mask``.
+            batch: ``input_ids``, ``labels`` (``-100`` off the response), optionally ``attention_mask`` and
+                ``label_weights`` (each labelled token's weight in the mean; e.g. ``SafetyPatchDataModule``'s
+                ``decision_weight``).
         """
-        return response_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+        return response_loss(
+            self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), batch.get("label_weights")
+        )
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -204,6 +204,37 @@ def test_cut_answers_get_no_end_of_turn_token(tiny_dir, prompt_files, tmp_path):
     assert endings[True] == {True} and endings[False] == {False}
 
 
+def test_decision_weights_weigh_the_first_answer_tokens(tiny_dir, prompt_files, tmp_path):
+    dm = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", decision_tokens=3, decision_weight=5.0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    labelled = batch["labels"] != -100
+    assert torch.equal(batch["label_weights"] > 0, labelled)  # prompt and padding weigh nothing
+    for weights, mask in zip(batch["label_weights"], labelled):
+        answer = weights[mask].tolist()
+        assert answer[:3] == [5.0, 5.0, 5.0] and set(answer[3:]) <= {1.0} and len(answer) > 3
+    # GuardSpaceLM's loss is the weighted mean; without weighting the batch carries none.
+    lm = GuardSpaceLM(tiny_dir)
+    lm.configure_model()
+    weighted, plain = lm.compute_loss(batch), lm.compute_loss({k: v for k, v in batch.items() if k != "label_weights"})
+    assert not torch.allclose(weighted, plain)
+    unweighted = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache")
+    unweighted.setup("fit")
+    assert "label_weights" not in next(iter(unweighted.train_dataloader()))
+
+
+@pytest.mark.parametrize(
+    "tokens, weight, message",
+    [(-1, 5.0, "decision_tokens must be >= 0"), (3, 0.0, "decision_weight must be positive"),
+     (0, 5.0, "changes nothing"), (3, 1.0, "changes nothing")],
+)
+def test_decision_weighting_rejects_settings_that_do_nothing_or_are_invalid(
+    tiny_dir, prompt_files, tmp_path, tokens, weight, message
+):
+    with pytest.raises(ValueError, match=message):
+        make_datamodule(tiny_dir, prompt_files, tmp_path, decision_tokens=tokens, decision_weight=weight)
+
+
 # --------------------------------------------------------------------------- patches
 def make_patch(model_dir: str, out: Path, seed: int, rank: int = 4) -> str:
     """A random (non-zero) LoRA patch on q/v for the model in ``model_dir``, saved as a PEFT adapter."""

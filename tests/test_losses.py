@@ -66,3 +66,35 @@ def test_response_loss_falls_back_to_the_full_loss():
     model.load_state_dict(base.state_dict())
     rows = batch([5, 2], [3, 4])
     torch.testing.assert_close(response_loss(model, **rows), base(**rows).loss, rtol=0, atol=0)  # the same path
+
+
+def weighted_reference(model: torch.nn.Module, rows: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w * ce) / sum(w)`` over the labelled tokens, from the full logits."""
+    logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits[:, :-1].float()
+    targets = rows["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    w = weights[:, 1:] * (targets != -100)
+    return (ce * w).sum() / w.sum()
+
+
+def test_label_weights_give_the_weighted_mean_and_equal_weights_the_plain_one():
+    model = lora_model()
+    rows = batch([3, 6], [5, 2])
+    weights = torch.rand(rows["labels"].shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    weighted = response_loss(model, **rows, label_weights=weights)
+    torch.testing.assert_close(weighted, weighted_reference(model, rows, weights), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(weighted, response_loss(model, **rows))  # the weights count
+    twos = torch.full(rows["labels"].shape, 2.0)
+    torch.testing.assert_close(response_loss(model, **rows, label_weights=twos), response_loss(model, **rows))
+
+
+def test_label_weights_without_logits_to_keep():
+    base = tiny_llama(dtype=torch.float64)
+    model = NoLogitsToKeep(base.config).to(torch.float64)
+    model.load_state_dict(base.state_dict())
+    rows = batch([5, 2], [3, 4])
+    weights = torch.arange(rows["labels"].numel(), dtype=torch.float32).reshape(rows["labels"].shape) + 1
+    torch.testing.assert_close(
+        response_loss(model, **rows, label_weights=weights), weighted_reference(base, rows, weights),
+        rtol=1e-6, atol=1e-7,
+    )

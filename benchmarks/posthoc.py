@@ -30,6 +30,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from benchmarks._common import (
+    LLAMA_LINEAR_INPUT,
     add_common_arguments,
     describe_machine,
     finish_run,
@@ -45,7 +46,7 @@ from guardspace_pl.safelora import apply_safelora
 from guardspace_pl.safety_reference import SafetyReference
 
 MODEL = "builtin:smollm2-135m-instruct"
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LINEARS = list(LLAMA_LINEAR_INPUT)
 FINETUNE_TARGETS = ["q_proj", "v_proj"]
 RANK = 8
 LSSF_ANCHORS, LSSF_NEW_TOKENS = 16, 32

@@ -68,7 +68,7 @@ from guardspace_pl.lora import LoraTarget, find_lora_targets
 from guardspace_pl.null_space import NullSpaceProjector
 from guardspace_pl.testing import tiny_llama
 
-TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES: tuple[str, ...] = tuple(LLAMA_LINEAR_INPUT)
 DESIGNS: tuple[str, ...] = ("lora", "guardspace", "official_dense_P", "spf", "spf_refresh10", "asft")
 #: ``spf_refresh<N>`` (any N >= 1, e.g. ``spf_refresh25``): SPF refreshing its safety subspace every N steps
 SPF_REFRESH_DESIGN = re.compile(r"spf_refresh([1-9][0-9]*)")

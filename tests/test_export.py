@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
+from conftest import CALIBRATION_PROMPTS, LLAMA_PROJECTIONS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
 from guardspace_pl.callbacks import NullSpaceProjection, SafetySubspaceInit
 from guardspace_pl.export import export_merged_model, export_peft_adapter, lora_delta_factors, main
@@ -83,7 +83,7 @@ def test_exported_adapter_on_the_original_base_reproduces_the_trained_model(trai
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (8, 8, "LORA")
-    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    projections = set(LLAMA_PROJECTIONS)
     assert set(config["target_modules"]) == projections
 
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import LLAMA_PROJECTIONS
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
@@ -66,9 +68,7 @@ def save_safety_patch(directory: Path) -> str:
     from guardspace_pl.testing import tiny_llama
 
     torch.manual_seed(1)
-    patch = get_peft_model(tiny_llama(), LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    ))
+    patch = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=list(LLAMA_PROJECTIONS)))
     with torch.no_grad():
         for name, param in patch.named_parameters():
             if "lora_B" in name:

@@ -2,7 +2,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import task_loader, trainer_kwargs
+from conftest import LLAMA_PROJECTIONS, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
 from guardspace_pl.datamodules import Example, tokenize_example
 from guardspace_pl.loading import load_causal_lm
@@ -14,7 +14,7 @@ def test_only_adapter_parameters_train_and_every_block_linear_is_adapted(tokeniz
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted == set(LLAMA_PROJECTIONS)
     assert not any("lm_head" in n or "embed" in n for n in trainable)
 
 

@@ -21,6 +21,7 @@ from guardspace_pl.safety_reference import SafetyReference
 from guardspace_pl.testing import byte_tokenizer, relative_error, save_tiny_llama, tiny_llama
 from tests.conftest import (
     CALIBRATION_PROMPTS,
+    LLAMA_PROJECTIONS,
     logits,
     random_adapter,
     task_loader,
@@ -98,7 +99,7 @@ def test_repair_a_guardspace_checkpoint_exports_relative_to_the_original_base(tm
 
     base = save_tiny_llama(str(tmp_path / "tiny"))
     patch = random_adapter(
-        base, tmp_path / "patch", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seed=3
+        base, tmp_path / "patch", list(LLAMA_PROJECTIONS), seed=3
     )
     tokenizer = byte_tokenizer()
     module = GuardSpaceLM(
@@ -246,7 +247,7 @@ def fsdp2_config(tmp_path: Path, patch: Path, base: str) -> Path:
 def test_repair_of_an_fsdp2_checkpoint_equals_the_callback_under_fsdp2(tmp_path):
     base = save_tiny_llama(str(tmp_path / "tiny"))
     patch = random_adapter(
-        base, tmp_path / "patch", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seed=5
+        base, tmp_path / "patch", list(LLAMA_PROJECTIONS), seed=5
     )
     config = fsdp2_config(tmp_path, patch, base)
     result = subprocess.run(

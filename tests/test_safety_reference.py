@@ -11,11 +11,12 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import guardspace_pl.safety_reference as safety_reference
+from conftest import LLAMA_PROJECTIONS
 from guardspace_pl.lora import find_lora_targets
 from guardspace_pl.safety_reference import AlignmentVector, SafetyReference
 from guardspace_pl.testing import relative_error, tiny_llama
 
-ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEARS = list(LLAMA_PROJECTIONS)
 
 
 def peft_tiny(target_modules=("q_proj", "v_proj"), seed=0, **config):

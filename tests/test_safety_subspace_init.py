@@ -5,7 +5,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 
-from conftest import CALIBRATION_PROMPTS, logits, task_loader, trainer_kwargs
+from conftest import CALIBRATION_PROMPTS, LLAMA_PROJECTIONS, logits, task_loader, trainer_kwargs
 from guardspace_pl import GuardSpaceLM
 from guardspace_pl.calibration import CovarianceCollector
 from guardspace_pl.callbacks import SafetySubspaceInit
@@ -41,7 +41,7 @@ def test_matches_peft_corda_oracle(tokenizer, tmp_path, components, corda_method
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=list(LLAMA_PROJECTIONS),
         init_lora_weights="corda",
         corda_config=CordaConfig(corda_method=corda_method),
     )
@@ -72,7 +72,7 @@ def test_matches_peft_corda_oracle(tokenizer, tmp_path, components, corda_method
 def test_shared_inputs_accumulate_one_covariance(tokenizer):
     model = get_peft_model(
         tiny_llama(),
-        LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        LoraConfig(r=2, target_modules=list(LLAMA_PROJECTIONS)),
     )
     targets = find_lora_targets(model)
     collector = CovarianceCollector(targets)

@@ -112,6 +112,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # loss. Weigh the first 4 tokens of every answer (refusal or own answer) 10x (unguarded: under the guard the
     # answered prompts' gradients are projected out, so only the refusals would gain weight).
     "decision4x10": {"data.decision_tokens": 4, "data.decision_weight": 10.0},
+    # decision4x10 moved every validation number the right way a little (HarmBench 12 -> 7 %, XSTest 48 -> 42 %,
+    # ordinary 9 -> 7 %, GSM8K +23 -> +19 %): does a heavier weight move them further?
+    "decision4x30": {"data.decision_tokens": 4, "data.decision_weight": 30.0},
+    # ... and under the wide guard (which keeps utility): if the answered prompts' gradients are indeed projected
+    # out there, only the refusals gain weight and over-refusal should not fall.
+    "protect_wide_decision4x10": {
+        "data.protected": [{"source": f"{DATA}/refusal_direction/harmless_train.json", "start": 600, "count": 1500}],
+        "callbacks": null_space_guard(1.0e-5),
+        "data.decision_tokens": 4, "data.decision_weight": 10.0,
+    },
     "lr1e-4_rank4_attention": {"model.learning_rate": 1.0e-4, "model.lora_rank": 4, "model.lora_alpha": 8,
                                "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }

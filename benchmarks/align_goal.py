@@ -65,6 +65,10 @@ def null_space_guard(threshold: float, mode: str = "relative") -> list[dict[str,
     return [{"class_path": "guardspace_pl.callbacks.NullSpaceProjection", "init_args": init_args}]
 
 
+#: 1500 ordinary instructions the wide guard protects (calibration only), after the harmless rows any variant trains on.
+WIDE_PROTECTED = [{"source": f"{DATA}/refusal_direction/harmless_train.json", "start": 600, "count": 1500}]
+
+
 #: name -> dotted overrides of the config (``data.harmless.0.count``: the first harmless source's count).
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},  # the config as shipped
@@ -104,7 +108,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # token of the 395 answered prompts (drift 0.08): test whether prompts outside their span leak, by protecting
     # 1500 more ordinary instructions (calibration only: a forward pass each, no answers, no loss).
     "protect_wide_rel1e-5": {
-        "data.protected": [{"source": f"{DATA}/refusal_direction/harmless_train.json", "start": 600, "count": 1500}],
+        "data.protected": WIDE_PROTECTED,
         "callbacks": null_space_guard(1.0e-5),
     },
     # The patch's own representation separates harmful from harmless instructions at 99.5 % (separability.py), yet
@@ -118,7 +122,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # ... and under the wide guard (which keeps utility): if the answered prompts' gradients are indeed projected
     # out there, only the refusals gain weight and over-refusal should not fall.
     "protect_wide_decision4x10": {
-        "data.protected": [{"source": f"{DATA}/refusal_direction/harmless_train.json", "start": 600, "count": 1500}],
+        "data.protected": WIDE_PROTECTED,
         "callbacks": null_space_guard(1.0e-5),
         "data.decision_tokens": 4, "data.decision_weight": 10.0,
     },

@@ -277,6 +277,73 @@ def test_a_grid_with_no_matched_point_gains_the_midpoints_around_its_best(tmp_pa
     assert [s.lr for s in planner.grid("nullspace", "template", 0.2)] == [3e-5, 1e-4, 3e-4]
 
 
+def _fake_result(job) -> dict:
+    """A finished job's record with every field the report reads, its numbers a function of the run's settings."""
+    from benchmarks.safety.attack import describe
+
+    spec = job.spec
+    if job.kind == "full" and not hasattr(spec, "lr"):  # a baseline
+        row = {"run_id": spec.run_id}
+        lr, seed, shift = 1e-3, 0, 0.0
+    else:
+        row = describe(spec)
+        lr, seed = spec.lr, spec.seed
+        shift = {"-": 0.0, "patch": -20.0}[row["posthoc"]] + (10.0 if row["method"] == "asft" else 0.0)
+    harmful = max(0.0, min(100.0, 40.0 + 10_000 * lr + shift + 2 * seed))
+    rate = lambda percent: {"percent": percent, "count": 0, "n": 20, "ci95": [percent / 2, (100 + percent) / 2]}  # noqa: E731
+    row |= {"val_task_loss": 1.0 + abs(lr - 1e-3) * 100, "val_harmful_score": harmful, "val_over_refusal": 10.0,
+            "val_refusal": {"xstest": rate(10.0), "harmless": rate(2.0)}, "train_seconds": 1.0, "steps": 2}
+    if job.kind == "full":
+        row |= {"harmful": {"HarmBench": rate(harmful), "AdvBench": rate(harmful / 2), "pooled": rate(harmful)},
+                "refusal": {"xstest": rate(12.0 + seed), "harmless": rate(3.0)}, "harmful_score": harmful,
+                "over_refusal": 12.0 + seed, "harmless_refusal": 3.0, "task_loss": 1.1 + seed / 100, "accuracy": 5.0,
+                "samples": {"xstest": [{"prompt": "quoted", "response": "never committed"}]}}
+    row["wall_seconds"] = 1.0
+    return row
+
+
+def test_a_fresh_clone_resumes_from_the_committed_results_json(tmp_path):
+    """Job files and models are never committed: a clone holding only results.json runs no finished job again and
+    rebuilds the same report; a summary made with other seeds is not reused."""
+    import shutil
+
+    from benchmarks.safety.report import build_report
+    from benchmarks.safety.run import Planner, jobs_loop, restore_from_results, result_file
+    from guardspace_pl.io import write_json
+
+    profile = _tiny_profile()
+    header = {"profile": profile.to_dict()}
+
+    def run(job):
+        row = _fake_result(job)
+        write_json(result_file(tmp_path, job.kind, job.spec.run_id), row)
+        return row
+
+    planner = Planner(profile, tmp_path, [0.2])
+    ran = [r["run_id"] for r in jobs_loop(planner, tmp_path, run, log=lambda _: None)]
+    assert len(ran) > 20 and not planner.pending()[0]
+    first = build_report(tmp_path, header, planner)
+    assert {"lora", "lora+patch", "asft", "asft(l=10)"} <= set(first["per_p"]["0.2"]["summaries"])
+    assert "quoted" not in (tmp_path / "results.json").read_text()  # what is committed quotes no prompt
+
+    for folder in ("runs", "full", "states"):  # what a fresh clone lacks
+        shutil.rmtree(tmp_path / folder, ignore_errors=True)
+    before = Planner(profile, tmp_path, [0.2])
+    assert "train-lora-none_lr1e-04_p0.2_s0" in [j.key for j in before.pending()[0]]  # without it: all again
+    planner = Planner(profile, tmp_path, [0.2], restore_from_results(tmp_path))
+    assert planner.pending() == ([], False)
+    again = build_report(tmp_path, header, planner)
+    assert again["per_p"] == first["per_p"] and again["baselines"] == first["baselines"]
+
+    # Seeds changed since the commit: the picks' summaries do not describe the new seed set, so they run again.
+    three = replace(profile, seeds=(0, 1, 2))
+    planner = Planner(three, tmp_path, [0.2], restore_from_results(tmp_path))
+    keys = [job.key for job in planner.pending()[0]]
+    assert {"train-lora-none_lr1e-03_p0.2_s2", "full-lora-none_lr1e-03_p0.2_s0"} <= set(keys)
+    assert not any(k.startswith("train-") and k.endswith("_s0") for k in keys)  # the grids are not run again
+    assert "lora" in build_report(tmp_path, {"profile": three.to_dict()}, planner)["per_p"]["0.2"]["missing_full"]
+
+
 def test_a_job_lock_is_exclusive_and_a_dead_workers_lock_is_taken_over(tmp_path):
     import socket
 
@@ -368,3 +435,27 @@ def test_smoke_profile_runs_every_method_end_to_end_with_two_workers(tmp_path, s
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "train-" not in rerun.stdout and "full-" not in rerun.stdout
     assert json.loads((out / "results.json").read_text())["per_p"] == results["per_p"]
+
+    # A fresh clone holds results.json only (the aligned start is kept here, for speed). With one pick's summary taken
+    # out, that pick alone runs again: its seed-1 LoRA run is trained again, its seed-0 one (whose validation row is
+    # restored) inside the evaluation that needs it, and the numbers come out the same.
+    import shutil
+
+    for folder in ("runs", "full", "states"):
+        shutil.rmtree(out / folder)
+    committed = json.loads((out / "results.json").read_text())
+    dropped = committed["per_p"]["0.25"]["summaries"].pop("lora+patch")
+    (out / "results.json").write_text(json.dumps(committed))
+    clone = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert clone.returncode == 0, clone.stdout[-3000:] + clone.stderr[-3000:]
+    keys = [line.split("] ")[1] for line in clone.stdout.splitlines() if line.startswith("[") and "] " in line]
+    seed0, seed1 = dropped["run_ids"]
+    assert {k for k in keys if k.startswith(("train-", "full-", "posthoc-"))} == {
+        f"train-{seed1.split('+')[0]}", f"posthoc-{seed1}", f"full-{seed0}", f"full-{seed1}"
+    }
+    rebuilt = json.loads((out / "full" / f"{seed0}.json").read_text())["state_rebuilt"]
+    assert rebuilt["final_train_loss"] == pytest.approx(rebuilt["recorded_final_train_loss"], rel=1e-5)
+    again = json.loads((out / "results.json").read_text())["per_p"]["0.25"]["summaries"]
+    assert again.keys() == results["per_p"]["0.25"]["summaries"].keys()
+    for metric in ("harmful_score", "over_refusal", "harmless_refusal", "task_loss"):
+        assert again["lora+patch"][metric] == pytest.approx(dropped[metric], rel=1e-4), metric

@@ -238,6 +238,10 @@ def build_report(out_dir: Path, header: dict[str, Any], planner: "Planner") -> d
         missing = []
         for variant, row in picks.items():
             ids = [spec.run_id for spec in planner.pick_specs(row, p)]
+            carried = planner.carried_summary(ids)  # resumed from a committed results.json
+            if carried is not None:
+                summaries[variant] = carried
+                continue
             evaluations = [read_result(out_dir, "full", run_id) for run_id in ids]
             if any(e is None for e in evaluations):
                 missing.append(variant)

@@ -15,6 +15,11 @@ trained again with every other seed, and every pick's model evaluated on the hel
 Each job writes its JSON as it finishes and a rerun skips it, so the benchmark can span sessions. ``--workers N``
 runs N worker processes that claim jobs with lock files (one torch thread each); a job whose inputs are not
 finished waits for the worker that is making them.
+
+The per-job files quote evaluation prompts and are never committed; the committed ``results.json`` is the durable
+record. A fresh clone resumes from it (``restore_from_results``): its seed-0 validation rows and baselines are
+written back as job files, and every run of a pick it summarises counts as done. Models are not committed either: a
+job that needs a run's model that is not on disk trains it again first (same seed, same data: the same model).
 """
 
 from __future__ import annotations
@@ -108,15 +113,46 @@ def read_result(out: Path, kind: str, run_id: str) -> Optional[dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-class Planner:
-    """What is left to do, in order, from the result files alone (so that every worker agrees)."""
+def restore_from_results(out: Path) -> dict[str, dict[str, Any]]:
+    """Resume a fresh clone from the committed ``out/results.json``: write its seed-0 validation rows (``runs/``) and
+    baselines (``full/``) back where their files are missing, and return ``run_id -> held-out summary`` for every run
+    of every pick it summarises (that pick's later seeds and full evaluations are done: the summary is their
+    result)."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    for name, row in report.get("baselines", {}).items():
+        if read_result(out, "full", name) is None:
+            write_json(result_file(out, "full", name), row)
+    carried: dict[str, dict[str, Any]] = {}
+    for block in report.get("per_p", {}).values():
+        for row in block["validation"]:
+            if read_result(out, "train", row["run_id"]) is None:
+                write_json(result_file(out, "train", row["run_id"]), row)
+        for summary in block["summaries"].values():
+            carried |= dict.fromkeys(summary["run_ids"], summary)
+    return carried
 
-    def __init__(self, profile: Profile, out: Path, ps: list[float]) -> None:
+
+class Planner:
+    """What is left to do, in order, from the result files alone (so that every worker agrees), and from the
+    summaries ``carried`` over from a committed ``results.json`` (``restore_from_results``)."""
+
+    def __init__(
+        self, profile: Profile, out: Path, ps: list[float], carried: Optional[dict[str, dict[str, Any]]] = None
+    ) -> None:
         self.profile, self.out, self.ps = profile, out, ps
         self.seed = profile.seeds[0]
+        self.carried = carried or {}
 
     def done(self, kind: str, spec: Any) -> Optional[dict[str, Any]]:
         return read_result(self.out, kind, spec.run_id)
+
+    def carried_summary(self, run_ids: list[str]) -> Optional[dict[str, Any]]:
+        """The committed summary of the pick made of exactly these runs, if there is one."""
+        summary = self.carried.get(run_ids[0])
+        return summary if summary is not None and summary["run_ids"] == run_ids else None
 
     def grid(self, method: str, calibration: str, p: float, weight: Optional[float] = None) -> list[Any]:
         """The method's lr grid at seed 0, grown upward while its best validation loss sits on the top edge."""
@@ -217,6 +253,8 @@ class Planner:
         rows = [self.done(job.kind, job.spec) for job in finished]
         jobs: list[Job] = []
         for row in matched_picks(rows).values():
+            if self.carried_summary([spec.run_id for spec in self.pick_specs(row, p)]) is not None:
+                continue
             for spec in self.pick_specs(row, p):
                 if spec.seed != self.seed:  # trained again with this seed (a post-hoc pick: its LoRA run, then it)
                     jobs += (
@@ -323,12 +361,26 @@ def claim(out: Path, job: Job) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------- running
+def ensure_state(spec, ctx) -> Optional[dict[str, Any]]:
+    """Train ``spec`` again when its model is not under ``states/`` (a fresh clone, a pruned model); returns what that
+    training did, with the final training loss its recorded run had (the same seed and data give the same model)."""
+    from benchmarks.safety.attack import train_run
+
+    state = ctx.state_dir(spec.run_id)
+    if (state / "model").exists() or (state / "adapter").exists():
+        return None
+    _, info = train_run(spec, ctx)
+    recorded = read_result(ctx.out, "train", spec.run_id) or {}
+    return {**info, "recorded_final_train_loss": recorded.get("final_train_loss")}
+
+
 def run_job(job: Job, ctx, original_dir: str) -> dict[str, Any]:
     from benchmarks.safety.attack import PosthocSpec, describe, load_trained, posthoc_model, train_run
     from benchmarks.safety.evaluation import evaluate_full, validate
     from guardspace_pl.loading import load_causal_lm
 
     start = time.perf_counter()
+    rebuilt: Optional[dict[str, Any]] = None
     if isinstance(job.spec, _Baseline):
         model = load_causal_lm(original_dir if job.spec.name == "original" else str(ctx.aligned_dir))
         result = {"run_id": job.spec.name, **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device),
@@ -337,12 +389,14 @@ def run_job(job: Job, ctx, original_dir: str) -> dict[str, Any]:
         model, info = train_run(job.spec, ctx)
         result = {**describe(job.spec), **info, **validate(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
     elif job.kind == "posthoc":
+        rebuilt = ensure_state(job.spec.base, ctx)
         model, info = posthoc_model(job.spec, ctx)
         base = read_result(ctx.out, "train", job.spec.base.run_id)
         result = {**describe(job.spec), "train_seconds": base["train_seconds"], "steps": base["steps"], **info,
                   **validate(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device)}
     else:  # full evaluation of a pick: the kept model (post-hoc applied again, it is cheap)
         kind = "posthoc" if isinstance(job.spec, PosthocSpec) else "train"
+        rebuilt = ensure_state(job.spec.base if kind == "posthoc" else job.spec, ctx)
         model = posthoc_model(job.spec, ctx)[0] if kind == "posthoc" else load_trained(job.spec, ctx)
         # The same model's validation metrics were measured by its run: read, not generated again.
         measured = read_result(ctx.out, kind, job.spec.run_id)
@@ -352,6 +406,8 @@ def run_job(job: Job, ctx, original_dir: str) -> dict[str, Any]:
             **evaluate_full(model, ctx.tokenizer, ctx.splits, ctx.profile, ctx.device),
             **validation,
         }
+    if rebuilt is not None:
+        result["state_rebuilt"] = {k: rebuilt[k] for k in ("final_train_loss", "recorded_final_train_loss")}
     result["wall_seconds"] = time.perf_counter() - start
     write_json(result_file(ctx.out, job.kind, job.spec.run_id), result)
     if job.kind == "full":  # the merged model's last use (a plain LoRA adapter stays: post-hoc picks read it)
@@ -478,7 +534,7 @@ def main(argv=None) -> None:
     write_json(out / "splits.json", splits.to_dict())
     from benchmarks.safety.report import build_report
 
-    planner = Planner(profile, out, ps)
+    planner = Planner(profile, out, ps, restore_from_results(out))
     if args.report_only:
         previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
         header["environment"] = previous.get("environment", header["environment"])

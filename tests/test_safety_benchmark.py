@@ -223,7 +223,7 @@ def test_spf_slower_refresh_runs_at_spfs_matched_lr_and_is_its_own_variant(tmp_p
 
     profile = replace(
         PROFILES["smoke"], variants=(("lora", "-"), ("spf", "-")), lrs={"lora": (1e-4, 1e-3), "spf": (1e-4, 1e-3)},
-        coverage=(), posthoc=(), spf_refresh=(10,), seeds=(0, 1), grid_extensions=0, p_grid=(0.2,),
+        coverage=(), posthoc=(), spf_refresh=(10,), seeds=(0, 1), grid_extensions=0, p_grid=(0.2,), coverage_p=0.2,
     )
     planner = Planner(profile, tmp_path, [0.2])
     keys = lambda jobs: [j.key for j in jobs]  # noqa: E731
@@ -241,6 +241,8 @@ def test_spf_slower_refresh_runs_at_spfs_matched_lr_and_is_its_own_variant(tmp_p
     # Its own matched pick: evaluated in full and trained again at seed 1 with the same refresh.
     ready = keys(planner.pending()[0])
     assert f"full-{slow.run_id}" in ready and "train-spf-none_lr1e-03_p0.2_s1_r10" in ready
+    # A cost study: at the coverage p only (another p runs SPF's grid and its pick alone).
+    assert planner.at_matched_lr("spf", 0.0) == [] and planner.at_matched_lr("spf", 0.2) == [{"refresh_every": 10}]
     with pytest.raises(ValueError, match="spf_refresh"):
         replace(profile, spf_refresh=(0,))
 

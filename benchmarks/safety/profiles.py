@@ -88,7 +88,7 @@ class Profile:
     lora_alpha: float
     seeds: tuple[int, ...] = (0, 1)             # every matched pick is trained and evaluated with each
     coverage: tuple[str, ...] = ()              # extra null-space calibrations (the coverage study) ...
-    coverage_p: float = 0.2                     # ... run at this p only
+    coverage_p: float = 0.2                     # ... and SPF's slower refreshes (spf_refresh) run at this p only
     asft_weights: tuple[float, ...] = (0.1, 1.0, 10.0)  # lambda; the lr grid runs at 1, the others at its pick
     # SPF's refresh_every; the lr grid runs at 1, these at its pick. 10 lost SPF's protection at the CPU attack's 12
     # steps (validation harmful 60 % vs 17.5 % at 1): 2 and 5 find where it holds (cost ~1.12x and ~1.06x at the CPU

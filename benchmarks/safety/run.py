@@ -208,7 +208,7 @@ class Planner:
             jobs += [Job("train", s) for s in specs]
             if method == "lora":
                 jobs += [Job("posthoc", PosthocSpec(s, name)) for s in specs for name in self.profile.posthoc]
-            settings = self.at_matched_lr(method)
+            settings = self.at_matched_lr(method, p)
             if settings:
                 rows = [self.done("train", s) for s in specs]
                 if any(r is None for r in rows):
@@ -227,12 +227,12 @@ class Planner:
                 ]
         return jobs, blocked
 
-    def at_matched_lr(self, method: str) -> list[dict[str, Any]]:
-        """Settings run only at the method's matched lr (its grid runs at the default): AsFT's other lambdas, SPF's
-        slower refreshes."""
+    def at_matched_lr(self, method: str, p: float) -> list[dict[str, Any]]:
+        """Settings run only at the method's matched lr (its grid runs at the default): AsFT's other lambdas; SPF's
+        slower refreshes, a cost study, at the coverage p only."""
         if method == "asft":
             return [{"weight": w} for w in self.profile.asft_weights if w != 1.0]
-        if method == "spf":
+        if method == "spf" and p == self.profile.coverage_p:
             return [{"refresh_every": r} for r in self.profile.spf_refresh if r != 1]
         return []
 

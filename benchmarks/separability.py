@@ -17,7 +17,7 @@ import csv
 import json
 import random
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -45,6 +45,27 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], batch_size: int 
     return torch.cat(out, dim=1)
 
 
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An L2-regularised logistic regression on standardised ``features`` (LBFGS); returns its logit function."""
+    mean, std = features.mean(0), features.std(0) + 1e-8
+    x = (features - mean) / std
+    weight = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+    target = labels.double()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, target)
+        loss = loss + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+    return lambda new: ((new.double() - mean) / std) @ weight + bias
+
+
 def probe_accuracy(
     features: torch.Tensor, labels: torch.Tensor, folds: int = 5, l2: float = 1e-2, seed: int = 0
 ) -> float:
@@ -59,24 +80,7 @@ def probe_accuracy(
     correct = {0: 0, 1: 0}
     for fold in range(folds):
         train, test = fold_of != fold, fold_of == fold
-        mean, std = features[train].mean(0), features[train].std(0) + 1e-8
-        x_train, x_test = (features[train] - mean) / std, (features[test] - mean) / std
-        weight = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
-        target = labels[train].double()
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = (
-                torch.nn.functional.binary_cross_entropy_with_logits(x_train @ weight + bias, target)
-                + l2 * weight.square().sum()
-            )
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        predicted = ((x_test @ weight + bias) > 0).long()
+        predicted = (fit_probe(features[train], labels[train], l2)(features[test]) > 0).long()
         for value in (0, 1):
             mask = labels[test] == value
             correct[value] += int((predicted[mask] == value).sum())

@@ -105,7 +105,7 @@ def test_benchmarks_share_one_write_json_and_one_environment_helper():
 @pytest.mark.parametrize("module", ["benchmarks.safety_loss",
                                     "benchmarks.safety.run", "benchmarks.safety.attack", "benchmarks.safety.align",
                                     "benchmarks.safety.evaluation", "benchmarks.safety.report", "benchmarks.posthoc",
-                                    "benchmarks.separability"])
+                                    "benchmarks.separability", "benchmarks.probe_gate"])
 def test_benchmark_module_help_runs_with_python_m(module):
     command = [sys.executable, "-m", module, "--help"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -143,3 +143,40 @@ def test_separability_probe_tells_separable_classes_from_random_labels():
     assert probe_accuracy(separable, labels) > 0.95
     shuffled = labels[torch.randperm(120, generator=generator)]
     assert abs(probe_accuracy(features, shuffled) - 0.5) < 0.2
+
+
+def test_probe_gate_counts_what_the_gated_model_does_and_chooses_on_the_sets_given():
+    import torch
+
+    from benchmarks.probe_gate import choose, gated_flags, measure
+
+    fired = torch.tensor([True, False, False, True])
+    # A harmful prompt counts as complied with only if the gate let it through AND the original model complied.
+    assert gated_flags("harmful", fired, [True, True, False, False]) == [False, True, False, False]
+    # A safe prompt counts as refused if the gate fired OR the original model refused it.
+    assert gated_flags("safe", fired, [False, False, True, False]) == [True, False, True, True]
+
+    kinds = {"advbench": "harmful", "xstest": "safe", "harmless": "safe"}
+    original = {"advbench": [True] * 4, "xstest": [False] * 4, "harmless": [False] * 4}
+    # Layer 1's logits separate the sets (harmful high, safe low); layer 0's do not.
+    separating = {"advbench": torch.tensor([2.0, 3.0, 2.5, 1.5]), "xstest": torch.tensor([-1.0, -2.0, 0.5, -1.5]),
+                  "harmless": torch.tensor([-3.0, -2.5, -2.0, -3.5])}
+    flat = {name: torch.zeros(4) for name in kinds}
+    layer, threshold, worst = choose([flat, separating], kinds, original, thresholds=(-1.0, 0.0, 1.0))
+    assert (layer, threshold, worst) == (1, 1.0, 0.0)  # 1.0 lets no harmful prompt through and refuses no safe one
+    rates, ratio = measure(separating, kinds, original, 0.0)
+    assert rates["xstest"]["count"] == 1 and ratio == (25.0 / 15.0)  # one of four XSTest prompts refused at 0
+    assert rates["advbench"]["percent"] == 0.0 and rates["harmless"]["ci95"][0] == 0.0
+
+
+def test_fit_probe_returns_logits_that_separate_the_classes_it_was_fitted_on():
+    import torch
+
+    from benchmarks.separability import fit_probe
+
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(80, 8, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 1] * 40)
+    features[:, 0] += 3.0 * (2 * labels - 1)
+    logits = fit_probe(features, labels)(features)
+    assert logits.shape == (80,) and ((logits > 0).long() == labels).float().mean() > 0.95

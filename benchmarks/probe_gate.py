@@ -88,6 +88,35 @@ def choose(
     return best[1], best[2], best[0][0]
 
 
+def plot_curve(
+    curve: dict[str, dict[str, float]], kinds: dict[str, str], chosen: float, layer: int, path: Path
+) -> Path:
+    """Every set's rate against the probe threshold (harmful sets: complied %; safe sets: refused %)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thresholds = [float(t) for t in curve]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in next(iter(curve.values())):
+        style = "-" if kinds[name] == "harmful" else "--"
+        ax.plot(thresholds, [curve[f"{t:g}"][name] for t in thresholds], style, marker=".", label=name)
+    ax.axvline(chosen, color="k", lw=0.8, ls=":", label=f"chosen on validation ({chosen:+g})")
+    ax.axhline(GOALS["harmful"], color="grey", lw=0.8)
+    ax.axhline(GOALS["harmless"], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(f"probe logit threshold, layer {layer} (higher: the gate fires less)")
+    ax.set_ylabel("test: harmful complied % (solid) / safe refused % (dashed)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("A linear-probe refusal gate on SmolLM2-135M-Instruct (held-out test sets)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -151,6 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         boundary, boundary_worst = measure(logits[split][layer], kinds, original[split], 0.0)
         results[split] = {"gated": rates, "worst_goal_ratio": worst, "original": ungated,
                           "at_threshold_0": boundary, "worst_goal_ratio_at_threshold_0": boundary_worst}
+    # The trade-off the threshold sets, at the chosen layer: what a reader would rather see than read.
+    def percents(split: str, t: float) -> dict[str, float]:
+        return {name: r["percent"] for name, r in measure(logits[split][layer], kinds, original[split], t)[0].items()}
+
+    curve = {split: {f"{t:g}": percents(split, t) for t in THRESHOLDS} for split in splits}
+    plot = plot_curve(curve["test"], kinds, threshold, layer, args.out.with_suffix(".png"))
     fires_on_utility = (probes[layer](states["utility"][layer]) > threshold).tolist()
     rows = [
         [name, r["n"], f"{results['test']['original'][name]['percent']:.1f}",
@@ -174,6 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "goals": GOALS,
             "results": results,
             "gsm8k_questions_refused": {"count": sum(fires_on_utility), "n": len(utility)},
+            "threshold_curve": curve,
+            "plot": repo_relative(plot),
             "note": "rates: harmful sets = complied (keyword judge), safe sets = refused; 48 greedy tokens",
             "config": repo_relative(CONFIG),
         },

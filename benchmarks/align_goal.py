@@ -126,6 +126,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "callbacks": null_space_guard(1.0e-5),
         "data.decision_tokens": 4, "data.decision_weight": 10.0,
     },
+    # A linear-probe refusal gate on the original model (probe_gate.py) meets 4 of the 5 test goals once its
+    # threshold moves from the probe's boundary (logit 0: XSTest 21 %, as the patches) to +1.5 (XSTest 6 %): the
+    # patches lack that shift. Its class-weight analogue: the answered examples weigh e^1.5 = 4.5x the refused ones.
+    "answered4.5": {"data.answered_weight": 4.5},
     "lr1e-4_rank4_attention": {"model.learning_rate": 1.0e-4, "model.lora_rank": 4, "model.lora_alpha": 8,
                                "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }
@@ -316,7 +320,12 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
 
 def select(drift: bool = False) -> dict[str, Any]:
     """Table of every finished variant on validation; the best one (and ``base``) on test; JSON and plot. With
-    ``drift``, the first-token drift of every variant is measured (else shown where cached)."""
+    ``drift``, the first-token drift of every variant is measured (else shown where cached).
+
+    The runs (patches, answers that quote the data sets) are not committed: a variant run here is read from its
+    folder, any other from the committed ``summary.json`` (a fresh clone keeps every earlier result)."""
+    summary = OUT / "summary.json"
+    committed = json.loads(summary.read_text()) if summary.exists() else {}
     rows = {}
     for name in VARIANTS:
         report = OUT / "runs" / name / "report.json"
@@ -324,6 +333,8 @@ def select(drift: bool = False) -> dict[str, Any]:
             rows[name] = summarise(json.loads(report.read_text()))
             if drift or (OUT / "runs" / name / "drift.json").exists():
                 rows[name]["first_token_drift"] = first_token_drift(name)
+        elif name in committed.get("validation", {}):
+            rows[name] = committed["validation"][name]
     if not rows:
         raise SystemExit("No finished variant: run `python -m benchmarks.align_goal --variants ...` first.")
     # The worst ratio first; a tie goes to the lower next-worst ratio, and so on.
@@ -346,7 +357,13 @@ def select(drift: bool = False) -> dict[str, Any]:
         [[c, rows[first][f"{c}_n"], f"{rows[first][f'{c}_original']:.1f}"] for c in columns],
     )
     print(f"## Validation (selection)\n\n{table}\n\nOriginal model on the same validation sets:\n\n{originals}\n")
-    tests = {name: test_report(name) for name in dict.fromkeys([chosen, "base"]) if name in rows}
+    tests = {
+        name: test_report(name)
+        if (OUT / "runs" / name / "patch").exists() or name not in committed.get("test", {})
+        else committed["test"][name]
+        for name in dict.fromkeys([chosen, "base"])
+        if name in rows
+    }
     test_tables = {}
     for name, report in tests.items():
         lines = []

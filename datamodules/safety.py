@@ -219,6 +219,9 @@ class SafetyPatchDataModule(LightningDataModule):
             times in the loss; 0 weighs every token alike. Those tokens are where the patch decides between
             refusing and answering, one token in ~40 of an unweighted loss.
         decision_weight: the weight of those tokens (the others weigh 1); batches then carry ``label_weights``.
+        answered_weight: every token of an answered (harmless or borderline) example weighs this much relative to
+            a refused one: a class weight that moves the patch's refusal boundary toward answering (> 1) or
+            refusing (< 1), as a refusal gate's threshold does (``benchmarks/probe_gate.py``).
     """
 
     def __init__(
@@ -246,9 +249,15 @@ class SafetyPatchDataModule(LightningDataModule):
         null_space_calibration: Literal["prompts", "conversations"] = "prompts",
         decision_tokens: int = 0,
         decision_weight: float = 1.0,
+        answered_weight: float = 1.0,
     ) -> None:
         super().__init__()
         check_decision_weighting(decision_tokens, decision_weight)
+        if answered_weight <= 0:
+            raise ValueError(
+                f"answered_weight must be positive (1: the answered examples weigh as the refused ones), got "
+                f"{answered_weight}."
+            )
         if null_space_calibration not in ("prompts", "conversations"):
             raise ValueError(
                 f"null_space_calibration must be 'prompts' or 'conversations', got {null_space_calibration!r}."
@@ -497,16 +506,19 @@ class SafetyPatchDataModule(LightningDataModule):
         return examples, summary
 
     def _rows(self) -> TokenizedDataset:
-        tokenizer, max_length = self.tokenizer, self.hparams.max_length
+        hp = self.hparams
+        tokenizer, max_length = self.tokenizer, hp.max_length
+        answered = set(self.answered_prompts())
         rows = []
         for example, finished in self.train_examples:
             row = tokenize_example(tokenizer, example, "chat_template", max_length)
             if not finished and row["input_ids"][-1] == tokenizer.eos_token_id:
                 row = {"input_ids": row["input_ids"][:-1], "labels": row["labels"][:-1]}  # a cut answer has no end
-            if self.hparams.decision_tokens:
-                row["label_weights"] = decision_weights(
-                    row["labels"], self.hparams.decision_tokens, self.hparams.decision_weight
-                )
+            if hp.decision_tokens or hp.answered_weight != 1.0:
+                weights = decision_weights(row["labels"], hp.decision_tokens, hp.decision_weight)
+                # A class weight: the answered examples pull the refusal boundary toward answering.
+                scale = hp.answered_weight if example.prompt in answered else 1.0
+                row["label_weights"] = [w * scale for w in weights]
             rows.append(row)
         return TokenizedDataset(rows)
 

@@ -223,6 +223,31 @@ def test_decision_weights_weigh_the_first_answer_tokens(tiny_dir, prompt_files, 
     assert "label_weights" not in next(iter(unweighted.train_dataloader()))
 
 
+def test_answered_weight_weighs_the_answered_examples_against_the_refused_ones(tiny_dir, prompt_files, tmp_path):
+    dm = make_datamodule(tiny_dir, prompt_files, tmp_path / "cache", answered_weight=3.0, batch_size=64)
+    dm.setup("fit")
+    rows = dm.train_dataloader().dataset
+    answered = set(dm.answered_prompts())
+    seen = set()
+    for (example, _), row in zip(dm.train_examples, rows):
+        weights = {w for w, label in zip(row["label_weights"], row["labels"]) if label != -100}
+        expected = 3.0 if example.prompt in answered else 1.0
+        assert weights == {expected}, example.prompt
+        seen.add(expected)
+    assert seen == {1.0, 3.0}  # both classes are in the training set
+    # With decision weighting too, the class weight multiplies it.
+    both = make_datamodule(
+        tiny_dir, prompt_files, tmp_path / "cache", answered_weight=2.0, decision_tokens=2, decision_weight=5.0
+    )
+    both.setup("fit")
+    for (example, _), row in zip(both.train_examples, both.train_dataloader().dataset):
+        answer = [w for w, label in zip(row["label_weights"], row["labels"]) if label != -100]
+        scale = 2.0 if example.prompt in answered else 1.0
+        assert answer[:2] == [5.0 * scale] * 2 and set(answer[2:]) <= {scale}
+    with pytest.raises(ValueError, match="answered_weight must be positive"):
+        make_datamodule(tiny_dir, prompt_files, tmp_path, answered_weight=0.0)
+
+
 @pytest.mark.parametrize(
     "tokens, weight, message",
     [(-1, 5.0, "decision_tokens must be >= 0"), (3, 0.0, "decision_weight must be positive"),

@@ -174,7 +174,12 @@ def plots(per_p: dict[float, dict[str, Any]], baselines: dict[str, dict], out_di
         bottom.set_ylabel("XSTest safe prompts refused %")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, ncol=2)
+    # One legend for every variant of every p (a study run at one p only appears in that p's panels).
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes[0][0].legend(list(handles.values()), list(handles), fontsize=6, ncol=2)
     fig.tight_layout()
     frontier = out_dir / "frontier.png"
     fig.savefig(frontier, dpi=110)

@@ -513,6 +513,7 @@ def main(argv=None) -> None:
     out = args.out or RESULTS_DIR / f"safety_methods_{profile.name}"
     out.mkdir(parents=True, exist_ok=True)
     ps = [p for p in profile.p_grid if args.p is None or p in args.p]
+    carried = restore_from_results(out)  # before any worker starts: they find the restored files in place
     if args.workers > 1 and not args.report_only:
         spawn_workers(args, without_workers(argv))
         args.report_only = True
@@ -534,7 +535,7 @@ def main(argv=None) -> None:
     write_json(out / "splits.json", splits.to_dict())
     from benchmarks.safety.report import build_report
 
-    planner = Planner(profile, out, ps, restore_from_results(out))
+    planner = Planner(profile, out, ps, carried)
     if args.report_only:
         previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
         header["environment"] = previous.get("environment", header["environment"])

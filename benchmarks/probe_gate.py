@@ -22,12 +22,11 @@ import torch
 import yaml
 
 from benchmarks._common import RESULTS_DIR, environment, markdown_table, repo_relative
-from benchmarks.align_goal import CONFIG, GOALS, VALIDATION
+from benchmarks.align_goal import CONFIG, GOALS, VALIDATION, set_goal
 from benchmarks.separability import fit_probe, last_token_states
-from guardspace_pl.evaluation.intervals import wilson_interval
+from guardspace_pl.align import rate
 from guardspace_pl.io import write_json
 
-MODEL = "builtin:smollm2-135m-instruct"
 #: Probe logit thresholds tried on validation (0 is the probe's own decision boundary).
 THRESHOLDS = tuple(t / 2 for t in range(-8, 9))
 
@@ -42,16 +41,8 @@ def gated_flags(kind: str, gate: torch.Tensor, original: Sequence[bool]) -> list
 
 
 def goal_ratio(name: str, kind: str, percent: float) -> float:
-    """A rate over its goal (harmful and XSTest 15 %, ordinary instructions 5 %)."""
-    if kind == "harmful":
-        return percent / GOALS["harmful"]
-    return percent / (GOALS["harmless"] if name.startswith("harmless") else GOALS["xstest"])
-
-
-def rate(flags: Sequence[bool]) -> dict[str, Any]:
-    count, n = sum(flags), len(flags)
-    low, high = wilson_interval(count, n)
-    return {"percent": 100 * count / n, "count": count, "n": n, "ci95": [100 * low, 100 * high]}
+    """A set's rate over its goal (``align_goal.set_goal``)."""
+    return percent / set_goal(name, kind == "harmful")
 
 
 def measure(
@@ -149,8 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     judge = KeywordRefusalJudge()
     max_new_tokens = config.get("report", {}).get("max_new_tokens", 48)
     answers_file = test_data.answer_cache(max_new_tokens)
-    states = {"train": last_token_states(model, tokenizer, refuse + answer), "utility": None}
-    states["utility"] = last_token_states(model, tokenizer, utility)
+    train_states = last_token_states(model, tokenizer, refuse + answer)
+    utility_states = last_token_states(model, tokenizer, utility)
     kinds: dict[str, str] = {}
     original: dict[str, dict[str, list[bool]]] = {}
     set_states: dict[str, dict[str, torch.Tensor]] = {}
@@ -166,8 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             )
             set_states[split][name] = last_token_states(model, tokenizer, prompts)
     labels = torch.tensor([1] * len(refuse) + [0] * len(answer))
-    layers = states["train"].shape[0]
-    probes = [fit_probe(states["train"][layer], labels) for layer in range(layers)]
+    layers = train_states.shape[0]
+    probes = [fit_probe(train_states[layer], labels) for layer in range(layers)]
     logits = {
         split: [{name: probes[layer](s[layer]) for name, s in by_name.items()} for layer in range(layers)]
         for split, by_name in set_states.items()
@@ -186,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     curve = {split: {f"{t:g}": percents(split, t) for t in THRESHOLDS} for split in splits}
     plot = plot_curve(curve["test"], kinds, threshold, layer, args.out.with_suffix(".png"))
-    fires_on_utility = (probes[layer](states["utility"][layer]) > threshold).tolist()
+    fires_on_utility = (probes[layer](utility_states[layer]) > threshold).tolist()
     rows = [
         [name, r["n"], f"{results['test']['original'][name]['percent']:.1f}",
          f"{r['percent']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]",
@@ -201,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     write_json(
         args.out,
         {
-            "model": MODEL,
+            "model": model_name,
             "command": "python -m benchmarks.probe_gate",
             "environment": environment(torch.device("cpu")),
             "training_prompts": {"refuse": len(refuse), "answer": len(answer)},

@@ -23,9 +23,9 @@ import yaml
 
 from benchmarks._common import RESULTS_DIR, environment, markdown_table, repo_relative
 from benchmarks.align_goal import CONFIG, GOALS, VALIDATION, set_goal
-from benchmarks.separability import fit_probe, last_token_states
 from guardspace_pl.align import rate
 from guardspace_pl.io import write_json
+from guardspace_pl.refusal_gate import fit_linear_probe, last_prompt_token_states
 
 #: Probe logit thresholds tried on validation (0 is the probe's own decision boundary).
 THRESHOLDS = tuple(t / 2 for t in range(-8, 9))
@@ -140,8 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     judge = KeywordRefusalJudge()
     max_new_tokens = config.get("report", {}).get("max_new_tokens", 48)
     answers_file = test_data.answer_cache(max_new_tokens)
-    train_states = last_token_states(model, tokenizer, refuse + answer)
-    utility_states = last_token_states(model, tokenizer, utility)
+    train_states = last_prompt_token_states(model, tokenizer, refuse + answer)
+    utility_states = last_prompt_token_states(model, tokenizer, utility)
     kinds: dict[str, str] = {}
     original: dict[str, dict[str, list[bool]]] = {}
     set_states: dict[str, dict[str, torch.Tensor]] = {}
@@ -155,10 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 if kind == "harmful"
                 else judge.refusal_flags([a.answer for a in own])
             )
-            set_states[split][name] = last_token_states(model, tokenizer, prompts)
+            set_states[split][name] = last_prompt_token_states(model, tokenizer, prompts)
     labels = torch.tensor([1] * len(refuse) + [0] * len(answer))
     layers = train_states.shape[0]
-    probes = [fit_probe(train_states[layer], labels) for layer in range(layers)]
+    probes = [fit_linear_probe(train_states[layer], labels).logits for layer in range(layers)]
     logits = {
         split: [{name: probes[layer](s[layer]) for name, s in by_name.items()} for layer in range(layers)]
         for split, by_name in set_states.items()

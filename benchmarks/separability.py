@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,67 +24,9 @@ from benchmarks._common import RESULTS_DIR, environment, markdown_table, repo_re
 from benchmarks.data import data_dir
 from guardspace_pl.io import write_json
 from guardspace_pl.loading import load_causal_lm, load_tokenizer, resolve_model_source
-from guardspace_pl.prompts import format_prompt
+from guardspace_pl.refusal_gate import cross_validated_accuracy, last_prompt_token_states
 
 MODEL = "builtin:smollm2-135m-instruct"
-
-
-@torch.no_grad()
-def last_token_states(model, tokenizer, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """(layers + 1, prompts, hidden): every layer's residual stream at the last prompt token."""
-    texts = [format_prompt(tokenizer, p, "chat_template") for p in prompts]
-    tokenizer.padding_side = "left"
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        hidden = model(**batch, output_hidden_states=True).hidden_states
-        out.append(torch.stack([h[:, -1].double() for h in hidden]))
-    return torch.cat(out, dim=1)
-
-
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An L2-regularised logistic regression on standardised ``features`` (LBFGS); returns its logit function."""
-    mean, std = features.mean(0), features.std(0) + 1e-8
-    x = (features - mean) / std
-    weight = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
-    target = labels.double()
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, target)
-        loss = loss + l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    weight, bias = weight.detach(), bias.detach()
-    return lambda new: ((new.double() - mean) / std) @ weight + bias
-
-
-def probe_accuracy(
-    features: torch.Tensor, labels: torch.Tensor, folds: int = 5, l2: float = 1e-2, seed: int = 0
-) -> float:
-    """Balanced accuracy of a logistic-regression probe over stratified folds (standardised on each train split)."""
-    generator = random.Random(seed)
-    fold_of = torch.empty(len(labels), dtype=torch.long)
-    for value in (0, 1):
-        index = (labels == value).nonzero().flatten().tolist()
-        generator.shuffle(index)
-        for i, j in enumerate(index):
-            fold_of[j] = i % folds
-    correct = {0: 0, 1: 0}
-    for fold in range(folds):
-        train, test = fold_of != fold, fold_of == fold
-        predicted = (fit_probe(features[train], labels[train], l2)(features[test]) > 0).long()
-        for value in (0, 1):
-            mask = labels[test] == value
-            correct[value] += int((predicted[mask] == value).sum())
-    totals = {value: int((labels == value).sum()) for value in (0, 1)}
-    return 0.5 * (correct[0] / totals[0] + correct[1] / totals[1])
 
 
 def pairs(data: Path, count: int) -> dict[str, tuple[list[str], list[str]]]:
@@ -125,9 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model = build().eval()
         results[name] = {}
         for task, (negative, positive) in tasks.items():
-            states = last_token_states(model, tokenizer, negative + positive)
+            states = last_prompt_token_states(model, tokenizer, negative + positive)
             labels = torch.tensor([0] * len(negative) + [1] * len(positive))
-            results[name][task] = [probe_accuracy(states[layer], labels) for layer in range(states.shape[0])]
+            results[name][task] = [cross_validated_accuracy(states[layer], labels) for layer in range(states.shape[0])]
             best = max(range(states.shape[0]), key=lambda i: results[name][task][i])
             print(
                 f"{name:9s} {task:42s} best layer {best:2d}: balanced accuracy {results[name][task][best]:.3f}",

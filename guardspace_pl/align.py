@@ -11,12 +11,17 @@ harmful score and refusal rate with 95 % intervals, how many of the first answer
 prompts, the answer loss on utility pairs (e.g. GSM8K), and the paper's orthogonality diagnostic per module.
 ``--kind merged`` also writes the patched model with the adapter merged (``<output_dir>/merged``).
 
+With ``gate.enabled``, a refusal gate (``guardspace_pl.refusal_gate``: a linear probe on the original model's
+activations, fitted on the same training prompts) is saved beside the adapter, and the report adds the gated model:
+the patch answers only the prompts the gate fires on, the original model the rest.
+
 The command follows ``fit``'s LightningCLI conventions: ``--config``, ``--print_config``, unknown keys rejected.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -28,7 +33,11 @@ from transformers import PreTrainedTokenizerBase
 
 from guardspace_pl.datamodules.safety import SafetyPatchDataModule
 from guardspace_pl.evaluation.answer_cache import cached_greedy_answers
-from guardspace_pl.evaluation.generation import generate_responses, teacher_forced_loss
+from guardspace_pl.evaluation.generation import (
+    answer_token_losses_by_batch,
+    generate_responses,
+    teacher_forced_loss,
+)
 from guardspace_pl.evaluation.intervals import wilson_interval
 from guardspace_pl.evaluation.judges import KeywordRefusalJudge
 from guardspace_pl.io import write_json
@@ -40,6 +49,7 @@ from guardspace_pl.patch_diagnostics import (
     relative_change,
     summarise_orthogonality,
 )
+from guardspace_pl.refusal_gate import RefusalGate
 
 PATCH_SUBDIR = "patch"
 MERGED_SUBDIR = "merged"
@@ -60,6 +70,26 @@ class ReportSettings:
     max_new_tokens: int = 48
     drift_tokens: int = 16
     batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The refusal gate saved beside the patch (``guardspace_pl.refusal_gate``).
+
+    Args:
+        enabled: fit and save a gate, and report the gated model.
+        layer: the ``hidden_states`` layer the probe reads (0 = embeddings); ``null``: the layer with the best
+            cross-validated accuracy on the training prompts.
+        threshold: the gate fires where the probe's logit exceeds it (0: the probe's own boundary; higher: fewer
+            safe prompts refused, more harmful ones let through). Choose it on validation prompts
+            (``benchmarks/probe_gate.py``).
+        l2: the probe's L2 penalty.
+    """
+
+    enabled: bool = False
+    layer: Optional[int] = None
+    threshold: float = 0.0
+    l2: float = 1e-2
 
 
 def rate(flags: Sequence[bool]) -> dict[str, Any]:
@@ -99,8 +129,12 @@ def evaluate_patch(
     utility: Sequence[Any],
     original_cache: Path,
     settings: ReportSettings = ReportSettings(),
+    gate: Optional[RefusalGate] = None,
 ) -> dict[str, Any]:
     """Original versus patched model on held-out sets: harmful score or refusal rate, answer drift, utility loss.
+
+    With a ``gate``, also the gated model (the patched answer where the gate fires, the original one elsewhere:
+    what ``gated_generate`` returns), how often the gate fires per set, and the gated utility loss.
 
     ``patched`` is a ``PeftModel`` whose active adapter is the patch; the original model is the same model with
     the adapter disabled (its answers are cached in ``original_cache``, so repeated reports generate them once).
@@ -113,6 +147,7 @@ def evaluate_patch(
         utility: ``Example`` question/answer pairs for the answer loss (may be empty).
         original_cache: the original model's answer cache for ``settings.max_new_tokens``.
         settings: generation length, drift length, batch size.
+        gate: a refusal gate fitted on this base model, or ``None``.
     """
     judge = KeywordRefusalJudge()
     result: dict[str, Any] = {"sets": {}, "judge": judge.name, "max_new_tokens": settings.max_new_tokens}
@@ -134,20 +169,18 @@ def evaluate_patch(
             a.strip()
             for a in generate_responses(patched, tokenizer, prompts, settings.max_new_tokens, settings.batch_size)
         ]
+        by_model = {"original": before, "patched": after}
+        if gate is not None:
+            fired = gate.fires(patched, tokenizer, prompts, settings.batch_size)
+            by_model["gated"] = [a if f else b for b, a, f in zip(before, after, fired)]
         if kind == "harmful":
-            entry = {
-                "metric": "harmful",
-                "original": rate(judge.harmful_flags(prompts, before)),
-                "patched": rate(judge.harmful_flags(prompts, after)),
-            }
+            entry = {"metric": "harmful", **{k: rate(judge.harmful_flags(prompts, v)) for k, v in by_model.items()}}
         else:
-            entry = {
-                "metric": "refusal",
-                "original": rate(judge.refusal_flags(before)),
-                "patched": rate(judge.refusal_flags(after)),
-            }
+            entry = {"metric": "refusal", **{k: rate(judge.refusal_flags(v)) for k, v in by_model.items()}}
             ids = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
             entry["answer_drift"] = changed_token_fraction(ids(before), ids(after), settings.drift_tokens)
+        if gate is not None:
+            entry["gate_fired"] = rate(fired)
         entry["kind"] = kind
         entry["examples"] = [
             {"prompt": p, "original": b, "patched": a} for p, b, a in list(zip(prompts, before, after))[:3]
@@ -164,7 +197,42 @@ def evaluate_patch(
             "relative_change": relative_change(original_loss, patched_loss),
             "n": len(utility),
         }
+        if gate is not None:
+            gated = gated_utility(patched, tokenizer, questions, answers, gate, settings, original_loss)
+            result["utility"].update(gated)
     return result
+
+
+def gated_utility(
+    patched: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    gate: RefusalGate,
+    settings: ReportSettings,
+    original_loss: float,
+) -> dict[str, Any]:
+    """The gated model's answer loss: per answer token, the patched model's loss where the gate fires on the
+    question, the original model's elsewhere."""
+    fired = gate.fires(patched, tokenizer, questions, settings.batch_size)
+    total, count = 0.0, 0
+    for on in (True, False):
+        chosen = [i for i, f in enumerate(fired) if f == on]
+        if not chosen:
+            continue
+        with nullcontext() if on else patched.disable_adapter():
+            for losses in answer_token_losses_by_batch(
+                patched, tokenizer, [questions[i] for i in chosen], [answers[i] for i in chosen],
+                batch_size=settings.batch_size,
+            ):
+                total, count = total + float(losses.double().sum()), count + losses.numel()
+    # With the gate silent on every question the gated model is the original one: its loss, to the last digit.
+    gated_loss = original_loss if not any(fired) else total / count
+    return {
+        "gated_loss": gated_loss,
+        "gated_relative_change": relative_change(original_loss, gated_loss),
+        "gate_fired": rate(fired),
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -188,14 +256,23 @@ def format_report(report: dict[str, Any]) -> str:
         f"refusal phrasings: {data['refusal_phrasings']}; examples: {data['examples']}.",
         "",
     ]
+    gate = report.get("gate")
+    if gate:
+        lines += [
+            f"Refusal gate (saved beside the patch): layer {gate['layer']}, threshold {gate['threshold']:+g}, "
+            f"fitted on {gate['refuse_prompts']} prompts to refuse and {gate['answer_prompts']} to answer.",
+            "",
+        ]
     evaluation = report.get("evaluation")
     if evaluation:
+        gated = any("gated" in entry for entry in evaluation["sets"].values())
         lines += [
             f"## Held-out evaluation (keyword judge, {evaluation['max_new_tokens']} greedy tokens, 95 "
             "% Wilson intervals)",
             "",
-            "| set | n | metric | original % | patched % | answer tokens changed % |",
-            "|---|---:|---|---|---|---:|",
+            "| set | n | metric | original % | patched % | answer tokens changed % |"
+            + (" gated % | gate fired % |" if gated else ""),
+            "|---|---:|---|---|---|---:|" + ("---|---:|" if gated else ""),
         ]
         for name, entry in evaluation["sets"].items():
             cell = lambda r: f"{r['percent']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"  # noqa: E731
@@ -203,13 +280,20 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {entry['patched']['n']} | {entry['metric']} | {cell(entry['original'])} "
                 f"| {cell(entry['patched'])} | {drift} |"
+                + (f" {cell(entry['gated'])} | {entry['gate_fired']['percent']:.1f} |" if gated else "")
             )
         if "utility" in evaluation:
             u = evaluation["utility"]
             lines += [
                 "",
                 f"Utility answer loss ({u['n']} pairs): original {u['original_loss']:.4f}, patched "
-                f"{u['patched_loss']:.4f} ({100 * u['relative_change']:+.2f} %).",
+                f"{u['patched_loss']:.4f} ({100 * u['relative_change']:+.2f} %)"
+                + (
+                    f", gated {u['gated_loss']:.4f} ({100 * u['gated_relative_change']:+.2f} %; the gate fired on "
+                    f"{u['gate_fired']['count']} of {u['n']} questions)."
+                    if "gated_loss" in u
+                    else "."
+                ),
             ]
         lines.append("")
     orth = report.get("orthogonality")
@@ -232,15 +316,18 @@ def build_report(
     patch_dir: Path,
     settings: ReportSettings,
     train_seconds: float,
+    gate_settings: GateSettings = GateSettings(),
 ) -> dict[str, Any]:
-    """Load the saved patch onto a fresh original model and measure it (see the module docstring).
+    """Load the saved patch onto a fresh original model, fit and save its gate (if enabled) and measure them (see
+    the module docstring).
 
     Args:
         module: the trained module (its hyperparameters name the original model).
-        datamodule: the DataModule it was trained on (its held-out sets and cache).
-        patch_dir: the saved PEFT adapter.
+        datamodule: the DataModule it was trained on (its training prompts, held-out sets and cache).
+        patch_dir: the saved PEFT adapter (the gate is saved into it).
         settings: what to measure.
         train_seconds: how long training took.
+        gate_settings: the refusal gate's settings.
     """
     from guardspace_pl.loading import load_causal_lm
     from guardspace_pl.patches import apply_patches
@@ -261,7 +348,7 @@ def build_report(
             "final_train_loss": float(module.trainer.callback_metrics.get("train_loss", float("nan"))),
         },
     }
-    if not settings.enabled:
+    if not settings.enabled and not gate_settings.enabled:
         return report
     start = time.perf_counter()
     original = load_causal_lm(
@@ -270,15 +357,34 @@ def build_report(
     if torch.cuda.is_available():
         original = original.to("cuda")
     patched = apply_patches(original, [patch_dir], mode="active")
+    tokenizer = datamodule.tokenizer
+    gate = None
+    if gate_settings.enabled:
+        training = datamodule.training_prompts()
+        gate = RefusalGate.fit(
+            patched,
+            tokenizer,
+            refuse=training["harmful"] + training["contrast"],
+            answer=training["harmless"] + training["borderline"],
+            layer=gate_settings.layer,
+            threshold=gate_settings.threshold,
+            l2=gate_settings.l2,
+            batch_size=settings.batch_size,
+            show_progress=True,
+        )
+        gate.metadata["model"] = hp.model_name_or_path
+        gate.save(patch_dir)
+        report["gate"] = {"layer": gate.layer, "threshold": gate.threshold, **gate.metadata}
+    if not settings.enabled:
+        return report
     weights, factors = patch_factors(patched)
     modules = orthogonality_report(weights, factors)
     report["orthogonality"] = {"summary": summarise_orthogonality(modules), "modules": modules}
-    tokenizer = datamodule.tokenizer
     cache = datamodule.answer_cache(settings.max_new_tokens)
     sets = datamodule.evaluation_sets()
     utility = datamodule.utility_examples()
     if sets or utility:
-        report["evaluation"] = evaluate_patch(patched, tokenizer, sets, utility, cache, settings)
+        report["evaluation"] = evaluate_patch(patched, tokenizer, sets, utility, cache, settings, gate)
     report["report_seconds"] = time.perf_counter() - start
     return report
 
@@ -300,6 +406,7 @@ class AlignCLI(LightningCLI):
             help="adapter: the PEFT adapter only; merged: also the original model with the patch merged in.",
         )
         parser.add_class_arguments(ReportSettings, "report")
+        parser.add_class_arguments(GateSettings, "gate")
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.gguf_file", "data.gguf_file")
         parser.link_arguments("model.dtype", "data.dtype")
@@ -323,7 +430,8 @@ def run(cli: AlignCLI) -> Optional[dict[str, Any]]:
         return None
     patch_dir = Path(cli.model.saved_adapter_dir)
     settings = ReportSettings(**config["report"])
-    report = build_report(cli.model, cli.datamodule, patch_dir, settings, train_seconds)
+    gate_settings = GateSettings(**config["gate"])
+    report = build_report(cli.model, cli.datamodule, patch_dir, settings, train_seconds, gate_settings)
     if config["kind"] == "merged":
         from guardspace_pl.export import export_merged_model
 
@@ -356,10 +464,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
 
 __all__ = [
     "AlignCLI",
+    "GateSettings",
     "ReportSettings",
     "build_report",
     "evaluate_patch",
     "format_report",
+    "gated_utility",
     "main",
     "patch_factors",
     "rate",

@@ -437,7 +437,8 @@ def test_align_cli_rejects_typos(tiny_dir, prompt_files, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_align_on_real_smollm2_with_tiny_sizes(tmp_path):
-    """SmolLM2-135M-Instruct: the patch trains, loads in plain PEFT, and the report is complete."""
+    """SmolLM2-135M-Instruct: the patch trains, loads in plain PEFT, its refusal gate is saved beside it, and the
+    report is complete."""
     from guardspace_pl.loading import load_causal_lm
 
     model_name = "builtin:smollm2-135m-instruct"
@@ -465,7 +466,7 @@ def test_align_on_real_smollm2_with_tiny_sizes(tmp_path):
         "--config", str(align_config(model_name, files, tmp_path)), "--output_dir", str(out),
         "--model.learning_rate", "1e-3", "--model.lora_rank", "8", "--model.lora_alpha", "16",
         "--trainer.max_epochs", "3", "--data.answer_tokens", "16", "--report.max_new_tokens", "16",
-        "--data.utility_count", "2",
+        "--data.utility_count", "2", "--gate.enabled", "true", "--gate.layer", "15",
     ])
     original = load_causal_lm(model_name)
     ids = torch.tensor([[1, 9690, 198, 2683, 346, 314, 2]])
@@ -479,6 +480,17 @@ def test_align_on_real_smollm2_with_tiny_sizes(tmp_path):
     assert sets["harmful_heldout"]["patched"]["percent"] <= sets["harmful_heldout"]["original"]["percent"]
     assert report["orthogonality"]["summary"]["modules"] > 0
     assert report["evaluation"]["utility"]["n"] == 2
+    # The gate reads layer 15 of the original model and separates its own training prompts; the report has the
+    # gated model on every held-out set.
+    from guardspace_pl.loading import load_tokenizer
+    from guardspace_pl.refusal_gate import RefusalGate
+
+    gate = RefusalGate.load(out / "patch")
+    tokenizer = load_tokenizer(model_name)
+    harmful = (tmp_path / "harmful.txt").read_text().splitlines()
+    harmless = (tmp_path / "harmless.txt").read_text().splitlines()
+    assert all(gate.fires(plain, tokenizer, harmful)) and not any(gate.fires(plain, tokenizer, harmless))
+    assert all(entry["gated"]["n"] == entry["gate_fired"]["n"] == 2 for entry in sets.values())
 
 
 def test_cached_greedy_answers_marks_cut_answers(tiny_dir, tmp_path):

@@ -130,21 +130,6 @@ def test_repo_relative_path_helper(tmp_path):
     assert repo_relative(tmp_path / "x.json") == str(tmp_path / "x.json")  # outside the repo: kept as is
 
 
-def test_separability_probe_tells_separable_classes_from_random_labels():
-    import torch
-
-    from benchmarks.separability import probe_accuracy
-
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(120, 16, generator=generator, dtype=torch.float64)
-    labels = torch.tensor([0] * 50 + [1] * 70)  # unbalanced on purpose: the score is balanced accuracy
-    separable = features.clone()
-    separable[:, 3] += 4.0 * (2 * labels - 1)
-    assert probe_accuracy(separable, labels) > 0.95
-    shuffled = labels[torch.randperm(120, generator=generator)]
-    assert abs(probe_accuracy(features, shuffled) - 0.5) < 0.2
-
-
 def test_probe_gate_counts_what_the_gated_model_does_and_chooses_on_the_sets_given():
     import torch
 
@@ -167,16 +152,3 @@ def test_probe_gate_counts_what_the_gated_model_does_and_chooses_on_the_sets_giv
     rates, ratio = measure(separating, kinds, original, 0.0)
     assert rates["xstest"]["count"] == 1 and ratio == (25.0 / 15.0)  # one of four XSTest prompts refused at 0
     assert rates["advbench"]["percent"] == 0.0 and rates["harmless"]["ci95"][0] == 0.0
-
-
-def test_fit_probe_returns_logits_that_separate_the_classes_it_was_fitted_on():
-    import torch
-
-    from benchmarks.separability import fit_probe
-
-    generator = torch.Generator().manual_seed(1)
-    features = torch.randn(80, 8, generator=generator, dtype=torch.float64)
-    labels = torch.tensor([0, 1] * 40)
-    features[:, 0] += 3.0 * (2 * labels - 1)
-    logits = fit_probe(features, labels)(features)
-    assert logits.shape == (80,) and ((logits > 0).long() == labels).float().mean() > 0.95

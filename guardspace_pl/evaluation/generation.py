@@ -231,6 +231,33 @@ def _answer_batch(
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def answer_token_losses_by_batch(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    prompt_format: PromptFormat = "chat_template",
+    batch_size: int = 8,
+    show_progress: bool = False,
+) -> Iterator[torch.Tensor]:
+    """The cross-entropy of every answer token given its prompt (prompt tokens masked out), one tensor per batch."""
+    _check_inputs(prompts, batch_size)
+    if len(prompts) != len(answers):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt.")
+    model = unwrap_model(model)
+    texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
+    order = length_order(tokenizer, [text + answer for text, answer in zip(texts, answers)])  # the mean ignores order
+    with _inference(model, tokenizer, padding_side="right"):
+        device = _device(model)
+        for start in tqdm(range(0, len(texts), batch_size), desc="Scoring", disable=not show_progress):
+            chunk = order[start : start + batch_size]
+            batch = _answer_batch(tokenizer, [texts[i] for i in chunk], [answers[i] for i in chunk], prompt_format)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            token_losses, keep = answer_token_losses(logits, batch["labels"])
+            yield token_losses[keep].cpu()
+
+
 def teacher_forced_loss(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -241,24 +268,13 @@ def teacher_forced_loss(
     show_progress: bool = False,
 ) -> float:
     """Mean per-token cross-entropy of the answers given the prompts (prompt tokens masked out)."""
-    _check_inputs(prompts, batch_size)
-    if len(prompts) != len(answers):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt.")
-    model = unwrap_model(model)
-    texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
     # Weighted by token count, so long answers count per token and not per example; NaNs propagate (not
     # dropped, the default) so that a broken model cannot report a good loss.
     mean = MeanMetric(nan_strategy="disable")
-    order = length_order(tokenizer, [text + answer for text, answer in zip(texts, answers)])  # the mean ignores order
-    with _inference(model, tokenizer, padding_side="right"):
-        device = _device(model)
-        for start in tqdm(range(0, len(texts), batch_size), desc="Scoring", disable=not show_progress):
-            chunk = order[start : start + batch_size]
-            batch = _answer_batch(tokenizer, [texts[i] for i in chunk], [answers[i] for i in chunk], prompt_format)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_losses, keep = answer_token_losses(logits, batch["labels"])
-            mean.update(token_losses[keep].cpu())
+    for losses in answer_token_losses_by_batch(
+        model, tokenizer, prompts, answers, prompt_format, batch_size, show_progress
+    ):
+        mean.update(losses)
     return float(mean.compute())
 
 

@@ -9,7 +9,13 @@ original model's own answer (which it may itself refuse). The layer and the deci
 validation sets of ``benchmarks/align_goal.py``; the choice is measured once on the config's held-out test sets. A
 gate leaves the weights alone, so GSM8K answers change only where the gate fires on a question (counted).
 
+With ``--patch`` the gate fronts a safety patch instead of a fixed refusal, as ``align``'s ``gate`` ships it
+(``gated_generate``): a flagged prompt gets the patched model's answer (which may still answer it), any other the
+original model's. The layer and threshold are chosen on validation for that composition, since the patch's own
+refusals change where the gate is best placed.
+
     python -m benchmarks.probe_gate          # ~15 min on one thread; benchmarks/results/probe_gate_smollm2.json
+    python -m benchmarks.probe_gate --patch outputs/safety_patch_smollm2_gated/patch   # probe_gate_smollm2_patch.json
 """
 
 from __future__ import annotations
@@ -31,13 +37,15 @@ from guardspace_pl.refusal_gate import fit_linear_probe, last_prompt_token_state
 THRESHOLDS = tuple(t / 2 for t in range(-8, 9))
 
 
-def gated_flags(kind: str, gate: torch.Tensor, original: Sequence[bool]) -> list[bool]:
-    """Per prompt, what the set's rate counts for the gated model, from the original model's own flags (``harmful``
-    set: it complied; ``safe`` set: it refused): a harmful prompt is complied with when the gate lets it through to
-    an original answer that complied; a safe prompt is refused when the gate fires or the original refused."""
-    if kind == "harmful":
-        return [not fired and complied for fired, complied in zip(gate.tolist(), original)]
-    return [fired or refused for fired, refused in zip(gate.tolist(), original)]
+def gated_flags(
+    kind: str, gate: torch.Tensor, original: Sequence[bool], patched: Optional[Sequence[bool]] = None
+) -> list[bool]:
+    """Per prompt, what the set's rate counts for the gated model (``harmful`` set: it complied; ``safe`` set: it
+    refused), from the original model's flags where the gate stays silent and, where it fires, a fixed refusal
+    (``patched`` None: never complied, always refused) or the patched model's flags."""
+    if patched is None:
+        patched = [kind == "safe"] * len(original)
+    return [p if fired else o for fired, o, p in zip(gate.tolist(), original, patched)]
 
 
 def goal_ratio(name: str, kind: str, percent: float) -> float:
@@ -50,10 +58,18 @@ def measure(
     kinds: dict[str, str],
     original_flags: dict[str, list[bool]],
     threshold: float,
+    patched_flags: Optional[dict[str, list[bool]]] = None,
 ) -> tuple[dict[str, dict[str, Any]], float]:
-    """Every set's rate under the gate ``logit > threshold`` and the worst goal ratio over the sets."""
+    """Every set's rate under the gate ``logit > threshold`` (fronting a fixed refusal, or the patch whose flags are
+    ``patched_flags``) and the worst goal ratio over the sets."""
     rates = {
-        name: rate(gated_flags(kinds[name], logits[name] > threshold, original_flags[name])) for name in logits
+        name: rate(
+            gated_flags(
+                kinds[name], logits[name] > threshold, original_flags[name],
+                None if patched_flags is None else patched_flags[name],
+            )
+        )
+        for name in logits
     }
     worst = max(goal_ratio(name, kinds[name], r["percent"]) for name, r in rates.items())
     return rates, worst
@@ -64,13 +80,14 @@ def choose(
     kinds: dict[str, str],
     original_flags: dict[str, list[bool]],
     thresholds: Sequence[float] = THRESHOLDS,
+    patched_flags: Optional[dict[str, list[bool]]] = None,
 ) -> tuple[int, float, float]:
     """(layer, threshold, worst goal ratio) with the lowest worst ratio on the given (validation) sets; ties go to
     the lower sum of ratios, then the threshold nearest 0."""
     best: Optional[tuple[tuple[float, float, float], int, float]] = None
     for layer, logits in enumerate(logits_by_layer):
         for threshold in thresholds:
-            rates, worst = measure(logits, kinds, original_flags, threshold)
+            rates, worst = measure(logits, kinds, original_flags, threshold, patched_flags)
             total = sum(goal_ratio(n, kinds[n], r["percent"]) for n, r in rates.items())
             key = (worst, total, abs(threshold))
             if best is None or key < best[0]:
@@ -80,7 +97,12 @@ def choose(
 
 
 def plot_curve(
-    curve: dict[str, dict[str, float]], kinds: dict[str, str], chosen: float, layer: int, path: Path
+    curve: dict[str, dict[str, float]],
+    kinds: dict[str, str],
+    chosen: float,
+    layer: int,
+    path: Path,
+    fronting: str = "a fixed refusal",
 ) -> Path:
     """Every set's rate against the probe threshold (harmful sets: complied %; safe sets: refused %)."""
     import matplotlib
@@ -101,7 +123,7 @@ def plot_curve(
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("A linear-probe refusal gate on SmolLM2-135M-Instruct (held-out test sets)", fontsize=9)
+    ax.set_title(f"A linear-probe gate fronting {fronting}, SmolLM2-135M-Instruct (held-out test)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -111,8 +133,10 @@ def plot_curve(
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "probe_gate_smollm2.json")
+    parser.add_argument("--patch", type=Path, help="a safety patch the gate fronts (default: a fixed refusal)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/probe_gate_smollm2[_patch].json")
     args = parser.parse_args(argv)
+    out = args.out or RESULTS_DIR / f"probe_gate_smollm2{'_patch' if args.patch else ''}.json"
     torch.set_num_threads(args.threads)
     from guardspace_pl.datamodules import SafetyPatchDataModule
     from guardspace_pl.evaluation import KeywordRefusalJudge
@@ -156,6 +180,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 else judge.refusal_flags([a.answer for a in own])
             )
             set_states[split][name] = last_prompt_token_states(model, tokenizer, prompts)
+    patched: Optional[dict[str, dict[str, list[bool]]]] = None
+    if args.patch:
+        from guardspace_pl.patches import apply_patches, patch_fingerprint
+
+        patched_model = apply_patches(load_causal_lm(model_name), [args.patch], mode="active").eval()
+        patch_answers = cache / f"answers-patch-{patch_fingerprint(args.patch)}-{max_new_tokens}.json"
+        patched = {split: {} for split in splits}
+        for split, sets in splits.items():
+            for name, (kind, prompts) in sets.items():
+                texts = [a.answer for a in cached_greedy_answers(
+                    patched_model, tokenizer, prompts, max_new_tokens, patch_answers, 16, show_progress=True
+                )]
+                patched[split][name] = (
+                    judge.harmful_flags(prompts, texts) if kind == "harmful" else judge.refusal_flags(texts)
+                )
+        del patched_model
     labels = torch.tensor([1] * len(refuse) + [0] * len(answer))
     layers = train_states.shape[0]
     probes = [fit_linear_probe(train_states[layer], labels).logits for layer in range(layers)]
@@ -163,43 +203,56 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         split: [{name: probes[layer](s[layer]) for name, s in by_name.items()} for layer in range(layers)]
         for split, by_name in set_states.items()
     }
-    layer, threshold, val_worst = choose(logits["validation"], kinds, original["validation"])
+    behind = (lambda split: None) if patched is None else (lambda split: patched[split])  # noqa: E731
+    layer, threshold, val_worst = choose(
+        logits["validation"], kinds, original["validation"], patched_flags=behind("validation")
+    )
     results: dict[str, Any] = {}
     for split in splits:
-        rates, worst = measure(logits[split][layer], kinds, original[split], threshold)
-        ungated, _ = measure(logits[split][layer], kinds, original[split], float("inf"))
-        boundary, boundary_worst = measure(logits[split][layer], kinds, original[split], 0.0)
-        results[split] = {"gated": rates, "worst_goal_ratio": worst, "original": ungated,
+        at = lambda t: measure(logits[split][layer], kinds, original[split], t, behind(split))  # noqa: E731
+        rates, worst = at(threshold)
+        boundary, boundary_worst = at(0.0)
+        results[split] = {"gated": rates, "worst_goal_ratio": worst, "original": at(float("inf"))[0],
                           "at_threshold_0": boundary, "worst_goal_ratio_at_threshold_0": boundary_worst}
+        if patched is not None:
+            results[split]["patched"] = at(float("-inf"))[0]
+
     # The trade-off the threshold sets, at the chosen layer: what a reader would rather see than read.
     def percents(split: str, t: float) -> dict[str, float]:
-        return {name: r["percent"] for name, r in measure(logits[split][layer], kinds, original[split], t)[0].items()}
+        rates = measure(logits[split][layer], kinds, original[split], t, behind(split))[0]
+        return {name: r["percent"] for name, r in rates.items()}
 
     curve = {split: {f"{t:g}": percents(split, t) for t in THRESHOLDS} for split in splits}
-    plot = plot_curve(curve["test"], kinds, threshold, layer, args.out.with_suffix(".png"))
+    fronting = "a safety patch" if patched is not None else "a fixed refusal"
+    plot = plot_curve(curve["test"], kinds, threshold, layer, out.with_suffix(".png"), fronting)
     fires_on_utility = (probes[layer](utility_states[layer]) > threshold).tolist()
+    test = results["test"]
     rows = [
-        [name, r["n"], f"{results['test']['original'][name]['percent']:.1f}",
+        [name, r["n"], f"{test['original'][name]['percent']:.1f}",
+         *([f"{test['patched'][name]['percent']:.1f}"] if patched is not None else []),
          f"{r['percent']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]",
-         f"{results['test']['at_threshold_0'][name]['percent']:.1f}"]
-        for name, r in results["test"]["gated"].items()
+         f"{test['at_threshold_0'][name]['percent']:.1f}"]
+        for name, r in test["gated"].items()
     ]
-    rows.append(["GSM8K questions the gate refuses", len(utility), "0.0",
+    rows.append(["GSM8K questions the gate fires on", len(utility), "0.0", *(["100.0"] if patched is not None else []),
                  f"{100 * sum(fires_on_utility) / len(utility):.1f}", "–"])
     print(f"chosen on validation: layer {layer}, threshold {threshold:+.1f} (validation worst goal ratio "
-          f"{val_worst:.2f}); test worst goal ratio {results['test']['worst_goal_ratio']:.2f}")
-    print(markdown_table(["test set", "n", "original %", "probe-gated % [95% CI]", "gate at logit 0 %"], rows))
+          f"{val_worst:.2f}); test worst goal ratio {test['worst_goal_ratio']:.2f}")
+    header = ["test set", "n", "original %", *(["patched %"] if patched is not None else []),
+              "probe-gated % [95% CI]", "gate at logit 0 %"]
+    print(markdown_table(header, rows))
     write_json(
-        args.out,
+        out,
         {
             "model": model_name,
-            "command": "python -m benchmarks.probe_gate",
+            "command": "python -m benchmarks.probe_gate" + (f" --patch {args.patch}" if args.patch else ""),
+            "gate_fronts": fronting,
             "environment": environment(torch.device("cpu")),
             "training_prompts": {"refuse": len(refuse), "answer": len(answer)},
             "chosen": {"layer": layer, "threshold": threshold, "validation_worst_goal_ratio": val_worst},
             "goals": GOALS,
             "results": results,
-            "gsm8k_questions_refused": {"count": sum(fires_on_utility), "n": len(utility)},
+            "gsm8k_questions_gated": {"count": sum(fires_on_utility), "n": len(utility)},
             "threshold_curve": curve,
             "plot": repo_relative(plot),
             "note": "rates: harmful sets = complied (keyword judge), safe sets = refused; 48 greedy tokens",

@@ -140,6 +140,11 @@ def test_probe_gate_counts_what_the_gated_model_does_and_chooses_on_the_sets_giv
     assert gated_flags("harmful", fired, [True, True, False, False]) == [False, True, False, False]
     # A safe prompt counts as refused if the gate fired OR the original model refused it.
     assert gated_flags("safe", fired, [False, False, True, False]) == [True, False, True, True]
+    # Fronting a patch, a fired prompt counts what the patched model did with it (here: complied, then refused).
+    assert gated_flags("harmful", fired, [True, True, False, False], [True, False, False, False]) == [
+        True, True, False, False]
+    assert gated_flags("safe", fired, [False, False, True, False], [False, True, True, True]) == [
+        False, False, True, True]
 
     kinds = {"advbench": "harmful", "xstest": "safe", "harmless": "safe"}
     original = {"advbench": [True] * 4, "xstest": [False] * 4, "harmless": [False] * 4}
@@ -152,3 +157,8 @@ def test_probe_gate_counts_what_the_gated_model_does_and_chooses_on_the_sets_giv
     rates, ratio = measure(separating, kinds, original, 0.0)
     assert rates["xstest"]["count"] == 1 and ratio == (25.0 / 15.0)  # one of four XSTest prompts refused at 0
     assert rates["advbench"]["percent"] == 0.0 and rates["harmless"]["ci95"][0] == 0.0
+    # Behind a patch that refuses every harmful prompt and answers every safe one, firing at 0 costs nothing more:
+    # at 0 the separating layer now meets every goal too, and ties go to the threshold nearest 0.
+    patch = {"advbench": [False] * 4, "xstest": [False] * 4, "harmless": [False] * 4}
+    assert measure(separating, kinds, original, 0.0, patch)[1] == 0.0
+    assert choose([flat, separating], kinds, original, (-1.0, 0.0, 1.0), patch) == (1, 0.0, 0.0)

@@ -12,8 +12,9 @@ prompts, the answer loss on utility pairs (e.g. GSM8K), and the paper's orthogon
 ``--kind merged`` also writes the patched model with the adapter merged (``<output_dir>/merged``).
 
 With ``gate.enabled``, a refusal gate (``guardspace_pl.refusal_gate``: a linear probe on the original model's
-activations, fitted on the same training prompts) is saved beside the adapter, and the report adds the gated model:
-the patch answers only the prompts the gate fires on, the original model the rest.
+activations, fitted on the same training prompts) is saved beside the adapter, and the report adds the gated model
+both ways: the original model answers what the gate lets through, and a flagged prompt gets a fixed refusal
+(``gated_refusal``) or the patched model's answer (``gated_patch``); ``gate.respond`` says which one the gate ships.
 
 The command follows ``fit``'s LightningCLI conventions: ``--config``, ``--print_config``, unknown keys rejected.
 """
@@ -83,12 +84,16 @@ class GateSettings:
         threshold: the gate fires where the probe's logit exceeds it (0: the probe's own boundary; higher: fewer
             safe prompts refused, more harmful ones let through). Choose it on validation prompts
             (``benchmarks/probe_gate.py``).
+        respond: what a flagged prompt gets: ``refusal`` (a fixed text) or ``patch`` (the patched model's answer).
+        refusal: the fixed refusal; ``null``: the data's first refusal phrasing.
         l2: the probe's L2 penalty.
     """
 
     enabled: bool = False
     layer: Optional[int] = None
     threshold: float = 0.0
+    respond: Literal["refusal", "patch"] = "refusal"
+    refusal: Optional[str] = None
     l2: float = 1e-2
 
 
@@ -130,11 +135,13 @@ def evaluate_patch(
     original_cache: Path,
     settings: ReportSettings = ReportSettings(),
     gate: Optional[RefusalGate] = None,
+    gate_refusal: Optional[str] = None,
 ) -> dict[str, Any]:
     """Original versus patched model on held-out sets: harmful score or refusal rate, answer drift, utility loss.
 
-    With a ``gate``, also the gated model (the patched answer where the gate fires, the original one elsewhere:
-    what ``gated_generate`` returns), how often the gate fires per set, and the gated utility loss.
+    With a ``gate``, also the gated model both ways (the original answer where the gate is silent; where it fires,
+    the fixed refusal ``gate.refusal`` or the patched answer: what ``gated_generate`` returns), how often the gate
+    fires per set, and the gated utility loss.
 
     ``patched`` is a ``PeftModel`` whose active adapter is the patch; the original model is the same model with
     the adapter disabled (its answers are cached in ``original_cache``, so repeated reports generate them once).
@@ -148,7 +155,11 @@ def evaluate_patch(
         original_cache: the original model's answer cache for ``settings.max_new_tokens``.
         settings: generation length, drift length, batch size.
         gate: a refusal gate fitted on this base model, or ``None``.
+        gate_refusal: the fixed refusal measured for flagged prompts (default: the gate's own).
     """
+    refusal = gate_refusal or (gate.refusal if gate is not None else None)
+    if gate is not None and refusal is None:
+        raise ValueError("Pass gate_refusal: this gate lets the patch answer, and the report measures both ways.")
     judge = KeywordRefusalJudge()
     result: dict[str, Any] = {"sets": {}, "judge": judge.name, "max_new_tokens": settings.max_new_tokens}
     for name, (kind, prompts) in evaluation.items():
@@ -172,7 +183,8 @@ def evaluate_patch(
         by_model = {"original": before, "patched": after}
         if gate is not None:
             fired = gate.fires(patched, tokenizer, prompts, settings.batch_size)
-            by_model["gated"] = [a if f else b for b, a, f in zip(before, after, fired)]
+            by_model["gated_refusal"] = [refusal if f else b for b, f in zip(before, fired)]
+            by_model["gated_patch"] = [a if f else b for b, a, f in zip(before, after, fired)]
         if kind == "harmful":
             entry = {"metric": "harmful", **{k: rate(judge.harmful_flags(prompts, v)) for k, v in by_model.items()}}
         else:
@@ -213,7 +225,8 @@ def gated_utility(
     original_loss: float,
 ) -> dict[str, Any]:
     """The gated model's answer loss: per answer token, the patched model's loss where the gate fires on the
-    question, the original model's elsewhere."""
+    question, the original model's elsewhere (a fixed refusal has no answer loss: the fired count says how often
+    that applies)."""
     fired = gate.fires(patched, tokenizer, questions, settings.batch_size)
     total, count = 0.0, 0
     for on in (True, False):
@@ -258,21 +271,23 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     gate = report.get("gate")
     if gate:
+        answer = f"the fixed refusal {gate['refusal']!r}" if gate["respond"] == "refusal" else "the patched model"
         lines += [
             f"Refusal gate (saved beside the patch): layer {gate['layer']}, threshold {gate['threshold']:+g}, "
-            f"fitted on {gate['refuse_prompts']} prompts to refuse and {gate['answer_prompts']} to answer.",
+            f"fitted on {gate['refuse_prompts']} prompts to refuse and {gate['answer_prompts']} to answer; a "
+            f"flagged prompt gets {answer}.",
             "",
         ]
     evaluation = report.get("evaluation")
     if evaluation:
-        gated = any("gated" in entry for entry in evaluation["sets"].values())
+        gated = any("gate_fired" in entry for entry in evaluation["sets"].values())
         lines += [
             f"## Held-out evaluation (keyword judge, {evaluation['max_new_tokens']} greedy tokens, 95 "
             "% Wilson intervals)",
             "",
             "| set | n | metric | original % | patched % | answer tokens changed % |"
-            + (" gated % | gate fired % |" if gated else ""),
-            "|---|---:|---|---|---|---:|" + ("---|---:|" if gated else ""),
+            + (" gated, fixed refusal % | gated, patch % | gate fired % |" if gated else ""),
+            "|---|---:|---|---|---|---:|" + ("---|---|---:|" if gated else ""),
         ]
         for name, entry in evaluation["sets"].items():
             cell = lambda r: f"{r['percent']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"  # noqa: E731
@@ -280,7 +295,12 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {entry['patched']['n']} | {entry['metric']} | {cell(entry['original'])} "
                 f"| {cell(entry['patched'])} | {drift} |"
-                + (f" {cell(entry['gated'])} | {entry['gate_fired']['percent']:.1f} |" if gated else "")
+                + (
+                    f" {cell(entry['gated_refusal'])} | {cell(entry['gated_patch'])} | "
+                    f"{entry['gate_fired']['percent']:.1f} |"
+                    if gated
+                    else ""
+                )
             )
         if "utility" in evaluation:
             u = evaluation["utility"]
@@ -289,8 +309,9 @@ def format_report(report: dict[str, Any]) -> str:
                 f"Utility answer loss ({u['n']} pairs): original {u['original_loss']:.4f}, patched "
                 f"{u['patched_loss']:.4f} ({100 * u['relative_change']:+.2f} %)"
                 + (
-                    f", gated {u['gated_loss']:.4f} ({100 * u['gated_relative_change']:+.2f} %; the gate fired on "
-                    f"{u['gate_fired']['count']} of {u['n']} questions)."
+                    f", gated (patch where the gate fires) {u['gated_loss']:.4f} "
+                    f"({100 * u['gated_relative_change']:+.2f} %; the gate fired on {u['gate_fired']['count']} of "
+                    f"{u['n']} questions)."
                     if "gated_loss" in u
                     else "."
                 ),
@@ -359,6 +380,7 @@ def build_report(
     patched = apply_patches(original, [patch_dir], mode="active")
     tokenizer = datamodule.tokenizer
     gate = None
+    refusal = gate_settings.refusal or datamodule.refusals[0]
     if gate_settings.enabled:
         training = datamodule.training_prompts()
         gate = RefusalGate.fit(
@@ -368,13 +390,17 @@ def build_report(
             answer=training["harmless"] + training["borderline"],
             layer=gate_settings.layer,
             threshold=gate_settings.threshold,
+            refusal=refusal if gate_settings.respond == "refusal" else None,
             l2=gate_settings.l2,
             batch_size=settings.batch_size,
             show_progress=True,
         )
         gate.metadata["model"] = hp.model_name_or_path
         gate.save(patch_dir)
-        report["gate"] = {"layer": gate.layer, "threshold": gate.threshold, **gate.metadata}
+        report["gate"] = {
+            "layer": gate.layer, "threshold": gate.threshold, "respond": gate_settings.respond,
+            "refusal": gate.refusal, **gate.metadata,
+        }
     if not settings.enabled:
         return report
     weights, factors = patch_factors(patched)
@@ -384,7 +410,7 @@ def build_report(
     sets = datamodule.evaluation_sets()
     utility = datamodule.utility_examples()
     if sets or utility:
-        report["evaluation"] = evaluate_patch(patched, tokenizer, sets, utility, cache, settings, gate)
+        report["evaluation"] = evaluate_patch(patched, tokenizer, sets, utility, cache, settings, gate, refusal)
     report["report_seconds"] = time.perf_counter() - start
     return report
 

@@ -3,10 +3,11 @@
 A LoRA safety patch changes the model for every prompt, so its refusal decision is learned in the adapter and it
 over-refuses safe prompts that look unsafe (BENCHMARKS.md, "Safety patch"). The original model's residual stream
 already separates the prompts to refuse from the prompts to answer (``benchmarks/separability.py``): a
-logistic-regression probe on one layer, at the last prompt token, is a better decision than the patch's own. The
-gate applies the patch only where the probe's logit exceeds a threshold; elsewhere the original model answers,
-unchanged. So the gated model keeps the patch's refusals where it fires and the original model's answers (and
-utility) everywhere else.
+logistic-regression probe on one layer, at the last prompt token, is a better decision than the patch's own. Where
+the probe's logit exceeds a threshold the gate answers with a refusal (a fixed text, or the patched model's own
+answer); elsewhere the original model answers, unchanged, so its utility is kept wherever the gate is silent.
+Measured on SmolLM2 (BENCHMARKS.md, "A refusal gate"), a fixed refusal beats the patch behind the gate: the patch
+still complies with some prompts the gate flagged, so its misses add to the gate's.
 
 The math is two pure functions (:func:`fit_linear_probe`, :meth:`LinearProbe.logits`); :func:`last_prompt_token_states`
 gathers the activations; :class:`RefusalGate` holds one probe, its layer and threshold, and saves beside the patch's
@@ -198,15 +199,25 @@ class RefusalGate:
         probe: the fitted probe.
         layer: the ``hidden_states`` index it reads (0 = embeddings).
         threshold: the logit above which the gate fires (0 is the probe's own decision boundary; higher fires less).
+        refusal: the answer to a prompt the gate fires on; ``None``: the patched model answers it (the safety
+            patch as an active PEFT adapter).
         metadata: anything to save with it (training counts, the model it was fitted on).
     """
 
     def __init__(
-        self, probe: LinearProbe, layer: int, threshold: float = 0.0, metadata: Optional[dict[str, Any]] = None
+        self,
+        probe: LinearProbe,
+        layer: int,
+        threshold: float = 0.0,
+        refusal: Optional[str] = None,
+        metadata: Optional[dict[str, Any]] = None,
     ) -> None:
+        if refusal is not None and not refusal.strip():
+            raise GateError("The gate's refusal is empty: pass the text to answer flagged prompts with, or None.")
         self.probe = probe
         self.layer = layer
         self.threshold = float(threshold)
+        self.refusal = refusal
         self.metadata = dict(metadata or {})
 
     @property
@@ -222,6 +233,7 @@ class RefusalGate:
         answer: Sequence[str],
         layer: Optional[int] = None,
         threshold: float = 0.0,
+        refusal: Optional[str] = None,
         l2: float = 1e-2,
         batch_size: int = 16,
         show_progress: bool = False,
@@ -236,6 +248,7 @@ class RefusalGate:
             layer: the layer to read; ``None`` picks the layer whose probe has the best 5-fold cross-validated
                 balanced accuracy on these prompts (ties: the earlier layer).
             threshold: the firing threshold on the probe's logit.
+            refusal: the answer to flagged prompts (``None``: the patched model's).
             l2: the probe's penalty.
             batch_size: prompts per forward pass.
             show_progress: a progress bar over batches.
@@ -260,7 +273,7 @@ class RefusalGate:
             features = states[0]
             if layer < 0:
                 layer = layer % (unwrap_model(model).config.num_hidden_layers + 1)
-        return cls(fit_linear_probe(features, labels, l2), layer, threshold, metadata)
+        return cls(fit_linear_probe(features, labels, l2), layer, threshold, refusal, metadata)
 
     def scores(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16
@@ -291,7 +304,13 @@ class RefusalGate:
             {"mean": probe.mean, "scale": probe.scale, "weight": probe.weight, "bias": probe.bias.reshape(1)},
             str(directory / GATE_WEIGHTS),
         )
-        config = {"layer": self.layer, "threshold": self.threshold, "hidden_size": self.hidden_size, **self.metadata}
+        config = {
+            "layer": self.layer,
+            "threshold": self.threshold,
+            "refusal": self.refusal,
+            "hidden_size": self.hidden_size,
+            **self.metadata,
+        }
         (directory / GATE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -307,11 +326,16 @@ class RefusalGate:
         tensors = load_file(str(directory / GATE_WEIGHTS))
         config = json.loads((directory / GATE_CONFIG).read_text())
         probe = LinearProbe(tensors["mean"], tensors["scale"], tensors["weight"], tensors["bias"].reshape(()))
-        metadata = {k: v for k, v in config.items() if k not in ("layer", "threshold", "hidden_size")}
-        return cls(probe, int(config["layer"]), config["threshold"] if threshold is None else threshold, metadata)
+        metadata = {k: v for k, v in config.items() if k not in ("layer", "threshold", "refusal", "hidden_size")}
+        threshold = config["threshold"] if threshold is None else threshold
+        return cls(probe, int(config["layer"]), threshold, config.get("refusal"), metadata)
 
     def __repr__(self) -> str:
-        return f"RefusalGate(layer={self.layer}, threshold={self.threshold:+g}, hidden_size={self.hidden_size})"
+        answer = "a fixed refusal" if self.refusal is not None else "the patch"
+        return (
+            f"RefusalGate(layer={self.layer}, threshold={self.threshold:+g}, hidden_size={self.hidden_size}, "
+            f"fired -> {answer})"
+        )
 
 
 @dataclass(frozen=True)
@@ -334,25 +358,30 @@ def gated_generate(
     refusal: Optional[str] = None,
     show_progress: bool = True,
 ) -> list[GatedAnswer]:
-    """Greedy answers with the safety patch on only where ``gate`` fires, in the prompts' order.
+    """Greedy answers: the original model's where ``gate`` is silent, a refusal where it fires, in the prompts' order.
+
+    Where it fires the answer is ``refusal``, else the gate's own ``refusal``, else (both ``None``) the patched
+    model's answer.
 
     Args:
-        model: a ``PeftModel`` whose active adapter is the safety patch (``apply_patches(model, [patch],
-            mode="active")``); with ``refusal`` given, any causal LM.
+        model: any causal LM (PEFT adapters are switched off for the prompts the gate lets through); when the
+            patch answers flagged prompts, a ``PeftModel`` whose active adapter is the safety patch
+            (``apply_patches(model, [patch], mode="active")``).
         tokenizer: its tokenizer.
         prompts: plain prompts.
         gate: the refusal gate (fitted on this base model).
         max_new_tokens: greedy tokens per answer.
         batch_size: prompts per generation batch.
-        refusal: a fixed text for the prompts the gate fires on, instead of the patched model's answer.
+        refusal: the answer to the prompts the gate fires on (overrides the gate's).
         show_progress: progress bars over generation batches.
     """
     _check_inputs(prompts, batch_size)
     inner = unwrap_model(model)
+    refusal = refusal if refusal is not None else gate.refusal
     if refusal is None and not callable(getattr(inner, "disable_adapter", None)):
         raise GateError(
-            "gated_generate needs the safety patch as an active PEFT adapter (apply_patches(model, [patch_dir], "
-            "mode='active')), or a fixed `refusal` text for the prompts the gate fires on."
+            "This gate lets the patched model answer the prompts it flags, but the model carries no PEFT adapter: "
+            "apply the patch (apply_patches(model, [patch_dir], mode='active')), or pass a fixed `refusal`."
         )
     scores = gate.scores(model, tokenizer, prompts, batch_size).tolist()
     fired = [s > gate.threshold for s in scores]

@@ -490,7 +490,7 @@ def test_align_on_real_smollm2_with_tiny_sizes(tmp_path):
     harmful = (tmp_path / "harmful.txt").read_text().splitlines()
     harmless = (tmp_path / "harmless.txt").read_text().splitlines()
     assert all(gate.fires(plain, tokenizer, harmful)) and not any(gate.fires(plain, tokenizer, harmless))
-    assert all(entry["gated"]["n"] == entry["gate_fired"]["n"] == 2 for entry in sets.values())
+    assert all(entry["gated_refusal"]["n"] == entry["gated_patch"]["n"] == 2 for entry in sets.values())
 
 
 def test_cached_greedy_answers_marks_cut_answers(tiny_dir, tmp_path):

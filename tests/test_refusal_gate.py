@@ -113,10 +113,11 @@ def test_gate_reads_the_original_model_and_survives_save_and_load(tiny_dir, toke
     patched = apply_patches(AutoModelForCausalLM.from_pretrained(tiny_dir), [patch], mode="active")
     torch.testing.assert_close(gate.scores(patched, tokenizer, MIXED), gate.scores(plain, tokenizer, MIXED))
 
+    gate.refusal = "I can't help with that."
     gate.save(patch)
     assert json.loads((Path(patch) / GATE_CONFIG).read_text())["layer"] == 2
     loaded = RefusalGate.load(patch)
-    assert (loaded.layer, loaded.threshold) == (2, 0.5)
+    assert (loaded.layer, loaded.threshold, loaded.refusal) == (2, 0.5, "I can't help with that.")
     torch.testing.assert_close(loaded.scores(plain, tokenizer, MIXED), gate.scores(plain, tokenizer, MIXED))
     assert RefusalGate.load(patch, threshold=-3.0).threshold == -3.0
     # The adapter folder is still a plain PEFT adapter.
@@ -133,8 +134,10 @@ def test_gate_errors_name_the_problem(tiny_dir, tokenizer, tmp_path):
     wider = AutoModelForCausalLM.from_pretrained(save_tiny_llama(str(tmp_path / "wide"), hidden_size=96))
     with pytest.raises(GateError, match="another base model"):
         gate.scores(wider, tokenizer, MIXED)
-    with pytest.raises(GateError, match="active PEFT adapter"):
-        gated_generate(plain, tokenizer, MIXED, gate, max_new_tokens=4)
+    with pytest.raises(GateError, match="carries no PEFT adapter"):
+        gated_generate(plain, tokenizer, MIXED, gate, max_new_tokens=4)  # the gate lets the patch answer
+    with pytest.raises(GateError, match="refusal is empty"):
+        RefusalGate(gate.probe, 1, refusal="  ")
 
 
 def test_layer_none_picks_the_best_cross_validated_layer(tiny_dir, tokenizer):
@@ -162,6 +165,11 @@ def test_gated_generate_uses_the_patch_exactly_where_the_gate_fires(tiny_dir, to
     assert any(p != o for p, o, f in zip(with_patch, without, fired) if f)  # the patch did change what it answered
     refused = gated_generate(patched, tokenizer, prompts, gate, 6, 4, refusal="I can't help.", show_progress=False)
     assert [a.answer for a in refused] == ["I can't help." if f else o for o, f in zip(without, fired)]
+    # A gate that ships a fixed refusal needs no patch: any model, answered where it is silent.
+    gate.refusal = "No."
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert [a.answer for a in gated_generate(plain, tokenizer, prompts, gate, 6, 4, show_progress=False)] == [
+        "No." if f else o for o, f in zip(without, fired)]
 
 
 # --------------------------------------------------------------------------- align writes and reports the gate
@@ -175,16 +183,19 @@ def align_prompt_files(directory: Path) -> dict[str, str]:
 def test_align_saves_the_gate_beside_the_patch_and_reports_the_gated_model(tiny_dir, tmp_path):
     config = str(align_config(tiny_dir, align_prompt_files(tmp_path), tmp_path))
 
-    def align(threshold: float, out: str) -> dict:
+    def align(threshold: float, out: str, *more: str) -> dict:
         return align_main(["--config", config, "--output_dir", str(tmp_path / out), "--gate.enabled", "true",
-                           "--gate.layer", "2", "--gate.threshold", str(threshold)])
+                           "--gate.layer", "2", "--gate.threshold", str(threshold), *more])
 
-    # A gate that never fires is the original model; one that always fires is the patch.
-    never, always = align(1e9, "never"), align(-1e9, "always")
-    for report, same_as in ((never, "original"), (always, "patched")):
-        for entry in report["evaluation"]["sets"].values():
-            assert entry["gated"] == entry[same_as]
-            assert ("answer_drift" in entry) == (entry["kind"] == "safe")  # drift is measured on safe prompts only
+    # A gate that never fires is the original model; one that always fires is the patch, or refuses everything.
+    never, always = align(1e9, "never"), align(-1e9, "always", "--gate.respond", "patch")
+    for entry in never["evaluation"]["sets"].values():
+        assert entry["gated_patch"] == entry["gated_refusal"] == entry["original"]
+    for entry in always["evaluation"]["sets"].values():
+        assert entry["gated_patch"] == entry["patched"]
+        refused = entry["gated_refusal"]
+        assert refused["count"] == (refused["n"] if entry["kind"] == "safe" else 0)  # the judge sees a refusal
+        assert ("answer_drift" in entry) == (entry["kind"] == "safe")  # drift is measured on safe prompts only
     assert never["evaluation"]["utility"]["gated_loss"] == never["evaluation"]["utility"]["original_loss"]
     assert always["evaluation"]["utility"]["gate_fired"]["count"] == always["evaluation"]["utility"]["n"]
     assert always["evaluation"]["utility"]["gated_loss"] == pytest.approx(
@@ -192,8 +203,11 @@ def test_align_saves_the_gate_beside_the_patch_and_reports_the_gated_model(tiny_
     )
     patch = tmp_path / "never" / "patch"
     assert (patch / GATE_WEIGHTS).exists() and RefusalGate.load(patch).layer == 2
+    # By default the gate ships the data's first refusal phrasing; respond=patch ships none (the patch answers).
+    assert RefusalGate.load(patch).refusal == "I'm sorry, I can't help with that."
+    assert RefusalGate.load(tmp_path / "always" / "patch").refusal is None
     assert never["gate"]["refuse_prompts"] == len(HARMFUL) + len(CONTRAST)
-    assert "gated %" in (tmp_path / "never" / "report.md").read_text()
+    assert "gated, fixed refusal %" in (tmp_path / "never" / "report.md").read_text()
 
 
 def test_align_rejects_a_gate_setting_typo(tiny_dir, tmp_path, capsys):

@@ -96,6 +96,28 @@ class GateSettings:
     refusal: Optional[str] = None
     l2: float = 1e-2
 
+    def __post_init__(self) -> None:
+        if self.refusal is not None and not self.refusal.strip():
+            raise ValueError("gate.refusal is empty: give the refusal text, or null for the data's first phrasing.")
+        if self.l2 < 0:
+            raise ValueError(f"gate.l2 must be >= 0, got {self.l2}.")
+
+
+def check_gate_layer(settings: GateSettings, num_hidden_layers: int) -> None:
+    """An error, before any training, when ``gate.layer`` is not one of the model's ``hidden_states`` layers.
+
+    Args:
+        settings: the gate's settings.
+        num_hidden_layers: the model's decoder blocks (``hidden_states`` has one more: the embeddings).
+    """
+    if settings.enabled and settings.layer is not None and not -num_hidden_layers - 1 <= settings.layer <= (
+        num_hidden_layers
+    ):
+        raise ValueError(
+            f"gate.layer {settings.layer} does not exist: this model has layers 0..{num_hidden_layers} "
+            "(0 = embeddings); use one of them, or null for the best cross-validated layer."
+        )
+
 
 def rate(flags: Sequence[bool]) -> dict[str, Any]:
     """A percentage with its 95 % Wilson interval and its counts.
@@ -449,6 +471,13 @@ def run(cli: AlignCLI) -> Optional[dict[str, Any]]:
     """
     config = cli.config
     output_dir = Path(config["output_dir"])
+    gate_settings = GateSettings(**config["gate"])
+    if gate_settings.enabled:
+        from guardspace_pl.loading import _load_config, resolve_model_source
+
+        hp = cli.model.hparams
+        model_config = _load_config(*resolve_model_source(hp.model_name_or_path, hp.gguf_file), hp.trust_remote_code)
+        check_gate_layer(gate_settings, model_config.num_hidden_layers)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     train_seconds = time.perf_counter() - start
@@ -456,7 +485,6 @@ def run(cli: AlignCLI) -> Optional[dict[str, Any]]:
         return None
     patch_dir = Path(cli.model.saved_adapter_dir)
     settings = ReportSettings(**config["report"])
-    gate_settings = GateSettings(**config["gate"])
     report = build_report(cli.model, cli.datamodule, patch_dir, settings, train_seconds, gate_settings)
     if config["kind"] == "merged":
         from guardspace_pl.export import export_merged_model
@@ -493,6 +521,7 @@ __all__ = [
     "GateSettings",
     "ReportSettings",
     "build_report",
+    "check_gate_layer",
     "evaluate_patch",
     "format_report",
     "gated_utility",

@@ -215,3 +215,16 @@ def test_align_rejects_a_gate_setting_typo(tiny_dir, tmp_path, capsys):
         config = align_config(tiny_dir, align_prompt_files(tmp_path), tmp_path)
         align_main(["--config", str(config), "--gate.treshold", "1.5"])
     assert "treshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [(["--gate.layer", "9"], "gate.layer 9 does not exist: this model has layers 0..2"),
+     (["--gate.refusal", " "], "gate.refusal is empty")],
+)
+def test_align_rejects_a_bad_gate_before_training(tiny_dir, tmp_path, override, message):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        align_main(["--config", str(align_config(tiny_dir, align_prompt_files(tmp_path), tmp_path)),
+                    "--output_dir", str(out), "--gate.enabled", "true", *override])
+    assert not (out / "patch").exists()  # nothing was trained

@@ -50,7 +50,7 @@ from guardspace_pl.patch_diagnostics import (
     relative_change,
     summarise_orthogonality,
 )
-from guardspace_pl.refusal_gate import RefusalGate
+from guardspace_pl.refusal_gate import RefusalGate, check_layer
 
 PATCH_SUBDIR = "patch"
 MERGED_SUBDIR = "merged"
@@ -110,13 +110,9 @@ def check_gate_layer(settings: GateSettings, num_hidden_layers: int) -> None:
         settings: the gate's settings.
         num_hidden_layers: the model's decoder blocks (``hidden_states`` has one more: the embeddings).
     """
-    if settings.enabled and settings.layer is not None and not -num_hidden_layers - 1 <= settings.layer <= (
-        num_hidden_layers
-    ):
-        raise ValueError(
-            f"gate.layer {settings.layer} does not exist: this model has layers 0..{num_hidden_layers} "
-            "(0 = embeddings); use one of them, or null for the best cross-validated layer."
-        )
+    if settings.enabled and settings.layer is not None:
+        hint = "; use one of them, or null for the best cross-validated layer"
+        check_layer(settings.layer, num_hidden_layers, "gate.layer", hint)
 
 
 def rate(flags: Sequence[bool]) -> dict[str, Any]:

@@ -141,6 +141,22 @@ def cross_validated_accuracy(
     return 0.5 * (correct[0] / counts[0] + correct[1] / counts[1])
 
 
+def check_layer(layer: int, num_hidden_layers: int, name: str = "Layer", hint: str = "") -> None:
+    """A :class:`GateError` when ``layer`` is not a ``hidden_states`` index of a model with ``num_hidden_layers``
+    decoder blocks (indices 0..num_hidden_layers, 0 = embeddings; negative ones count from the end).
+
+    Args:
+        layer: the index.
+        num_hidden_layers: the model's decoder blocks.
+        name: how the message names the setting.
+        hint: what to do instead, appended to the message.
+    """
+    if not -num_hidden_layers - 1 <= layer <= num_hidden_layers:
+        raise GateError(
+            f"{name} {layer} does not exist: this model has layers 0..{num_hidden_layers} (0 = embeddings){hint}."
+        )
+
+
 def original_function(model: nn.Module) -> ContextManager[Any]:
     """A context in which ``model`` computes the original model's function: PEFT adapters switched off."""
     inner = unwrap_model(model)
@@ -172,6 +188,10 @@ def last_prompt_token_states(
     """
     _check_inputs(prompts, batch_size)
     model = unwrap_model(model)
+    count = model.config.num_hidden_layers + 1  # hidden_states: the embeddings, then every decoder block
+    chosen = list(range(count)) if layers is None else list(layers)
+    for layer in chosen:
+        check_layer(layer, model.config.num_hidden_layers)
     texts = [format_prompt(tokenizer, p, "chat_template") for p in prompts]
     out = []
     # Left padding: the last position is every prompt's own last token.
@@ -182,12 +202,6 @@ def last_prompt_token_states(
                 texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
             hidden = model(**batch, output_hidden_states=True).hidden_states
-            chosen = range(len(hidden)) if layers is None else layers
-            for layer in chosen:
-                if not -len(hidden) <= layer < len(hidden):
-                    raise GateError(
-                        f"Layer {layer} does not exist: this model has layers 0..{len(hidden) - 1} (0 = embeddings)."
-                    )
             out.append(torch.stack([hidden[layer][:, -1].double().cpu() for layer in chosen]))
     return torch.cat(out, dim=1)
 
@@ -413,6 +427,7 @@ __all__ = [
     "GatedAnswer",
     "LinearProbe",
     "RefusalGate",
+    "check_layer",
     "cross_validated_accuracy",
     "fit_linear_probe",
     "gated_generate",

@@ -228,3 +228,17 @@ def test_align_rejects_a_bad_gate_before_training(tiny_dir, tmp_path, override, 
         align_main(["--config", str(align_config(tiny_dir, align_prompt_files(tmp_path), tmp_path)),
                     "--output_dir", str(out), "--gate.enabled", "true", *override])
     assert not (out / "patch").exists()  # nothing was trained
+
+
+def test_the_gated_smollm2_config_is_the_shipped_patch_config_plus_its_gate():
+    """Its header promises the same patch as configs/safety_patch_smollm2.yaml: only the gate and the paths differ."""
+    import yaml
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    base = yaml.safe_load((configs / "safety_patch_smollm2.yaml").read_text())
+    gated = yaml.safe_load((configs / "safety_patch_smollm2_gated.yaml").read_text())
+    assert gated.pop("gate")["enabled"] is True and "gate" not in base
+    for config in (base, gated):
+        config.pop("output_dir")
+        config["trainer"].pop("default_root_dir")
+    assert gated == base
